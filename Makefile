@@ -1,0 +1,38 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` runs the whole test suite.
+# Each installs what it needs into $(VENV) first.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+OUT    ?= out/demo
+ARCH   := $(shell uname -m)
+
+# torch/torchvision pairs that run together on a CPU-only machine (see README, "Installing torch").
+ifeq ($(ARCH),aarch64)
+TORCH_PINS := torch==2.9.1 torchvision==0.24.1
+else
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+endif
+
+.PHONY: install demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m vlm_mig.cli build-tiny --out $(OUT)/tiny-qwen2-vl
+	$(PY) -m vlm_mig.cli data clevr --n 8 --out $(OUT)/clevr-A --condition A --seed 0
+	@echo "demo outputs in $(OUT)"
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: install
+	$(VENV)/bin/ruff check vlm_mig tests bench
+
+clean:
+	rm -rf $(VENV) out

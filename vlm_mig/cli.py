@@ -1,0 +1,87 @@
+"""The ``vlm-mig`` command line: one subcommand per job, each importing its stage lazily."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from vlm_mig.data.schema import DataError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _build_tiny(args: argparse.Namespace) -> int:
+    from vlm_mig.models import build_tiny
+
+    out = build_tiny(args.out, arch=args.arch, seed=args.seed)
+    print(f"wrote tiny {args.arch} model (seed {args.seed}) to {out}")
+    return 0
+
+
+def _data_clevr(args: argparse.Namespace) -> int:
+    from vlm_mig.data.synthetic import write_clevr
+
+    samples = write_clevr(
+        args.out, n=args.n, condition=args.condition, seed=args.seed, image_size=args.image_size,
+        min_objects=args.min_objects, max_objects=args.max_objects,
+    )
+    print(f"wrote {len(samples)} CLEVR-like samples (condition {args.condition}, seed {args.seed}) to {args.out}")
+    return 0
+
+
+def _data_arithmetic(args: argparse.Namespace) -> int:
+    from vlm_mig.data.synthetic import write_arithmetic
+
+    samples = write_arithmetic(
+        args.out, n=args.n, seed=args.seed, num_steps=(args.min_steps, args.max_steps), error_rate=args.error_rate
+    )
+    print(f"wrote {len(samples)} arithmetic problems (seed {args.seed}) to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlm-mig", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build-tiny", help="write the tiny offline default model (HF folder, safetensors)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--arch", default="qwen2-vl", choices=["qwen2-vl", "qwen2.5-vl", "qwen2"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_build_tiny)
+
+    data = sub.add_parser("data", help="generate synthetic data offline").add_subparsers(dest="kind", required=True)
+    p = data.add_parser("clevr", help="CLEVR-like counting scenes (Super-CLEVR layout + data.jsonl)")
+    p.add_argument("--n", type=int, required=True, help="number of scenes")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--condition", default="A", choices=["A", "B"], help="CLEVR-CoGenT colour/shape split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--min-objects", type=int, default=1)
+    p.add_argument("--max-objects", type=int, default=6)
+    p.set_defaults(handler=_data_clevr)
+    p = data.add_parser("arithmetic", help="multi-step arithmetic word problems with gold steps (jsonl)")
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--out", required=True, help="output .jsonl file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-steps", type=int, default=2)
+    p.add_argument("--max-steps", type=int, default=4)
+    p.add_argument("--error-rate", type=float, default=0.0, help="fraction of problems with an injected step error")
+    p.set_defaults(handler=_data_arithmetic)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
