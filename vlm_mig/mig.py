@@ -238,8 +238,9 @@ def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob
         copy_idx = lay.answer_copy.to(device)
         sums = torch.zeros(lay.n_copies, device=device, dtype=torch.float32).index_add(0, copy_idx, ans)
         counts = torch.bincount(copy_idx, minlength=lay.n_copies).clamp_min(1).float()
-        per_variant = (sums / counts).view(-1, lay.n_variants)
-        results.append(RowScores(l=per_variant.max(-1).values, l_variants=per_variant, completion_logprobs=comp))
+        per_variant = (sums / counts).view(len(rows[len(results)].cuts), lay.n_variants)
+        best = per_variant.max(-1).values if lay.n_variants else per_variant.new_zeros(per_variant.shape[0])
+        results.append(RowScores(l=best, l_variants=per_variant, completion_logprobs=comp))
     return results
 
 
@@ -312,3 +313,38 @@ def prompt_rows(model, batch) -> list[dict]:
             "image_embeds": embeds,
         })
     return out
+
+
+def rollout_rows(model, rollouts, cuts: list[list[int]] | None = None,
+                 variants: list[list[torch.Tensor]] | None = None) -> list[ScoreRow]:
+    """``ScoreRow`` for every completion of a ``Rollouts`` batch; prompt pieces (and image features) are
+    computed once per prompt and shared by the G rows of its group."""
+    prompts = prompt_rows(model, rollouts.prompts)
+    lengths = rollouts.completion_mask.sum(-1).tolist()
+    rows = []
+    for i, n in enumerate(lengths):
+        g = int(rollouts.group[i])
+        rows.append(ScoreRow(
+            completion_ids=rollouts.completion_ids[i, :n],
+            cuts=cuts[i] if cuts is not None else [],
+            variants=variants[i] if variants is not None else [],
+            **prompts[g],
+        ))
+    return rows
+
+
+def pad_logprobs(scores: list[RowScores], length: int) -> torch.Tensor:
+    """Stack per-row completion log-probs into [N, length], 0 on padding."""
+    out = torch.zeros(len(scores), length)
+    for i, s in enumerate(scores):
+        out[i, : s.completion_logprobs.numel()] = s.completion_logprobs.detach().cpu()
+    return out
+
+
+@torch.no_grad()
+def teacher_forced_logprobs(model, rollouts, max_tokens_per_batch: int = 16384) -> torch.Tensor:
+    """``log pi_old`` of every completion token by a teacher-forced fp32 pass ([N, T], 0 on padding)."""
+    rows = rollout_rows(model, rollouts)
+    empty = torch.zeros(0, dtype=torch.long)
+    scores = score_rows(model, rows, empty, max_tokens_per_batch)
+    return pad_logprobs(scores, rollouts.completion_ids.shape[1])

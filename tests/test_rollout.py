@@ -1,0 +1,70 @@
+"""Rollout engine on the tiny models: batching of groups, EOS masks, left padding, old log-probs."""
+
+from __future__ import annotations
+
+import torch
+
+from vlm_mig.data.schema import Sample
+from vlm_mig.models import load_model, load_processor
+from vlm_mig.processing import encode_prompts
+from vlm_mig.rollout import HFRolloutEngine, RolloutConfig, repeat_prompts
+from vlm_mig.rollout.hf import completion_mask
+
+
+def test_completion_mask_runs_through_first_eos():
+    ids = torch.tensor([[5, 6, 2, 7, 2], [5, 5, 5, 5, 5], [2, 9, 9, 9, 9]])
+    assert completion_mask(ids, [2]).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+
+
+def test_repeat_prompts_repeats_images_with_their_rows(tiny_vl_dir, make_image):
+    proc = load_processor(tiny_vl_dir)
+    samples = [Sample(id="two", question="?", images=[str(make_image("a.png")), str(make_image("b.png", (168, 112)))],
+                      answer="1"),
+               Sample(id="none", question="text only here", answer="1"),
+               Sample(id="one", question="?", images=[str(make_image("c.png", color=(1, 2, 3)))], answer="1")]
+    batch = encode_prompts(proc, samples)
+    rep = repeat_prompts(batch, 3)
+    assert rep.sample_ids == ["two"] * 3 + ["none"] * 3 + ["one"] * 3
+    assert rep.image_grid_thw.shape[0] == 3 * 3
+    assert rep.pixel_values.shape[0] == 3 * batch.pixel_values.shape[0]
+    n0 = int(batch.image_grid_thw[:2].prod(-1).sum())
+    assert torch.equal(rep.pixel_values[:n0], batch.pixel_values[:n0])
+    assert torch.equal(rep.pixel_values[n0 : 2 * n0], batch.pixel_values[:n0])
+    assert torch.equal(rep.pixel_values[-64:], batch.pixel_values[-64:])
+
+
+def _engine(model_dir, **cfg):
+    torch.manual_seed(0)
+    model = load_model(model_dir)
+    return HFRolloutEngine(model, load_processor(model_dir), RolloutConfig(**cfg))
+
+
+def test_hf_engine_samples_groups_and_teacher_forced_logprobs(tiny_vl_dir, make_image):
+    engine = _engine(tiny_vl_dir, num_generations=4, max_new_tokens=12)
+    samples = [Sample(id="a", question="How many items?", images=[str(make_image("a.png"))], answer="3"),
+               Sample(id="b", question="How many different items are there?", images=[str(make_image("b.png"))],
+                      answer="2")]
+    r = engine.generate(samples)
+    assert r.completion_ids.shape[0] == 8 and r.group.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert r.completion_ids.shape[1] <= 12 and len(r.texts) == 8
+    assert r.old_logprobs.shape == r.completion_ids.shape
+    assert (r.old_logprobs[r.completion_mask == 0] == 0).all()
+    assert (r.old_logprobs[r.completion_mask == 1] < 0).all()
+    # Recompute one row's log-probs with a plain forward over its own unpadded prompt + completion.
+    i = 5
+    n = int(r.completion_mask[i].sum())
+    one = encode_prompts(engine.processor, [samples[1]])
+    ids = torch.cat([one.input_ids[0], r.completion_ids[i, :n]]).unsqueeze(0)
+    mm = torch.cat([one.mm_token_type_ids[0], torch.zeros(n, dtype=one.mm_token_type_ids.dtype)]).unsqueeze(0)
+    with torch.no_grad():
+        logits = engine.model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm,
+                              pixel_values=one.pixel_values, image_grid_thw=one.image_grid_thw).logits[0]
+    ref = logits[-n - 1 : -1].float().log_softmax(-1).gather(-1, r.completion_ids[i, :n, None]).squeeze(-1)
+    assert torch.allclose(ref, r.old_logprobs[i, :n], atol=1e-4)
+
+
+def test_hf_engine_text_model_greedy_is_deterministic(tiny_text_dir):
+    engine = _engine(tiny_text_dir, num_generations=2, max_new_tokens=8, temperature=0.0)
+    r = engine.generate([Sample(id="t", question="What is 2 + 3?", answer="5")])
+    assert torch.equal(r.completion_ids[0], r.completion_ids[1])
+    assert r.prompts.pixel_values is None
