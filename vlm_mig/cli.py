@@ -25,7 +25,7 @@ def _data_clevr(args: argparse.Namespace) -> int:
 
     samples = write_clevr(
         args.out, n=args.n, condition=args.condition, seed=args.seed, image_size=args.image_size,
-        min_objects=args.min_objects, max_objects=args.max_objects,
+        num_objects=(args.min_objects, args.max_objects), questions_per_scene=args.questions_per_scene,
     )
     print(f"wrote {len(samples)} CLEVR-like samples (condition {args.condition}, seed {args.seed}) to {args.out}")
     return 0
@@ -35,7 +35,8 @@ def _data_arithmetic(args: argparse.Namespace) -> int:
     from vlm_mig.data.synthetic import write_arithmetic
 
     samples = write_arithmetic(
-        args.out, n=args.n, seed=args.seed, num_steps=(args.min_steps, args.max_steps), error_rate=args.error_rate
+        args.out, n=args.n, seed=args.seed, num_steps=(args.min_steps, args.max_steps), error_rate=args.error_rate,
+        propagate=not args.no_propagate,
     )
     print(f"wrote {len(samples)} arithmetic problems (seed {args.seed}) to {args.out}")
     return 0
@@ -56,11 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("clevr", help="CLEVR-like counting scenes (Super-CLEVR layout + data.jsonl)")
     p.add_argument("--n", type=int, required=True, help="number of scenes")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--condition", default="A", choices=["A", "B"], help="CLEVR-CoGenT colour/shape split")
+    p.add_argument("--condition", default="A", choices=["A", "B", "all"],
+                   help="CLEVR-CoGenT colour/shape split (all: no colour rule)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--min-objects", type=int, default=1)
     p.add_argument("--max-objects", type=int, default=6)
+    p.add_argument("--questions-per-scene", type=int, default=1)
     p.set_defaults(handler=_data_clevr)
     p = data.add_parser("arithmetic", help="multi-step arithmetic word problems with gold steps (jsonl)")
     p.add_argument("--n", type=int, required=True)
@@ -69,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-steps", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=4)
     p.add_argument("--error-rate", type=float, default=0.0, help="fraction of problems with an injected step error")
+    p.add_argument("--no-propagate", action="store_true", help="later steps return to the true value after an error")
     p.set_defaults(handler=_data_arithmetic)
     return parser
 

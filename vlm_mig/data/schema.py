@@ -64,5 +64,5 @@ class Sample:
         return {k: v for k, v in asdict(self).items() if v not in (None, [], {})}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Sample":
+    def from_dict(cls, d: dict[str, Any]) -> Sample:
         return cls(**d)
