@@ -1,0 +1,152 @@
+"""Group normalisation and decoupled token advantages (SPEC section 4)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vlm_mig.advantages import (
+    AdvantageConfig,
+    compute_advantages,
+    group_normalize,
+    step_normalize,
+    token_advantages,
+    zero_std_fraction,
+)
+
+EPS = 1e-4
+
+
+def test_group_normalize_by_hand():
+    # group 1: R = [2, 2, 1, 1]: mean 1.5, deviations +-0.5, unbiased var = 4 * 0.25 / 3 = 1/3
+    # group 2: R = [0, 0, 0, 0]: constant -> exactly 0
+    r = torch.tensor([2.0, 2.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    a = group_normalize(r, 4)
+    s = 0.5 / (math.sqrt(1 / 3) + EPS)
+    torch.testing.assert_close(a, torch.tensor([s, s, -s, -s, 0, 0, 0, 0]))
+    assert (a[4:] == 0).all()
+    # none: only the group mean is removed
+    torch.testing.assert_close(
+        group_normalize(r, 4, scale="none"), torch.tensor([0.5, 0.5, -0.5, -0.5, 0, 0, 0, 0])
+    )
+    # batch: group means kept, std of all 8 rewards: mean 0.75, sum sq dev = 2*1.5625 + 2*0.0625 + 4*0.5625 = 5.5
+    sb = math.sqrt(5.5 / 7)
+    torch.testing.assert_close(
+        group_normalize(r, 4, scale="batch"), torch.tensor([0.5, 0.5, -0.5, -0.5, 0, 0, 0, 0]) / (sb + EPS)
+    )
+
+
+def test_constant_group_exact_zero_even_when_mean_rounds():
+    # 0.1 * 3 / 3 != 0.1 in floating point: the mean of equal values need not equal them.
+    r = torch.tensor([0.1, 0.1, 0.1, 1e30, 1e30, 1e30])
+    for scale in ("group", "batch", "none"):
+        a = group_normalize(r, 3, scale=scale)
+        assert (a == 0).all(), (scale, a)
+    assert zero_std_fraction(r, 3) == 1.0
+    # groups of one rollout have no spread: 0, not NaN (unbiased std of one value is NaN)
+    assert (group_normalize(torch.tensor([1.0, 5.0]), 1) == 0).all()
+
+
+def test_group_size_must_divide():
+    with pytest.raises(ValueError):
+        group_normalize(torch.zeros(6), 4)
+    with pytest.raises(ValueError):
+        AdvantageConfig(scale="rank")
+    with pytest.raises(ValueError):
+        AdvantageConfig(process_credit="token")
+
+
+def test_step_normalize_by_hand():
+    # One group of 2 rollouts: gains [1, 0, pad] and [0.5, 0.5, 0.5] -> 5 valid steps, mean 0.5,
+    # deviations [0.5, -0.5, 0, 0, 0], unbiased var = 0.5 / 4 = 0.125
+    g = torch.tensor([[1.0, 0.0, 9.0], [0.5, 0.5, 0.5]])
+    m = torch.tensor([[True, True, False], [True, True, True]])
+    a = step_normalize(g, m, 2)
+    s = 0.5 / (math.sqrt(0.125) + EPS)
+    torch.testing.assert_close(a, torch.tensor([[s, -s, 0.0], [0.0, 0.0, 0.0]]))
+
+
+def test_token_advantages_trajectory_and_step():
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]], dtype=torch.bool)
+    seq = torch.tensor([2.0, -1.0])
+    torch.testing.assert_close(token_advantages(seq, mask), torch.tensor([[2.0, 2, 2, 0], [0, -1, -1, -1]]))
+    step_adv = torch.tensor([[10.0, 20.0], [30.0, 40.0]])
+    token_step = torch.tensor([[0, 1, 1, -1], [-1, 0, -1, 1]])
+    out = token_advantages(None, mask, step_adv=step_adv, token_step=token_step)
+    torch.testing.assert_close(out, torch.tensor([[10.0, 20, 20, 0], [0, 30, 0, 40]]))
+    with pytest.raises(ValueError):
+        token_advantages(None, mask, step_adv=step_adv, token_step=torch.tensor([[2, 0, 0, 0], [0, 0, 0, 0]]))
+
+
+def test_compute_advantages_decoupled_masks():
+    r_out = torch.tensor([1.0, 0.0, 1.0, 1.0])  # group of 2: [1, 0] and [1, 1] (constant)
+    r_proc = torch.tensor([0.0, 0.0, 0.3, 0.1])
+    m_full = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    m_cot = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    adv = compute_advantages(r_out, r_proc, m_full, m_cot, 2)
+    a = 0.5 / (math.sqrt(0.5) + EPS)  # two values 1 and 0: deviations +-0.5, unbiased var 0.5
+    b = 0.1 / (math.sqrt(0.02) + EPS)  # 0.3 and 0.1: deviations +-0.1, unbiased var 0.02
+    torch.testing.assert_close(adv.seq_out, torch.tensor([a, -a, 0, 0]))
+    torch.testing.assert_close(adv.seq_proc, torch.tensor([0, 0, b, -b]))
+    torch.testing.assert_close(adv.tok_out, torch.tensor([a, -a, 0, 0]).unsqueeze(-1) * m_full)
+    torch.testing.assert_close(adv.tok_proc, torch.tensor([0, 0, b, -b]).unsqueeze(-1) * m_cot)
+    assert adv.zero_std_out == 0.5 and adv.zero_std_proc == 0.5
+    with pytest.raises(ValueError):
+        compute_advantages(r_out, r_proc, m_full, m_cot, 2, AdvantageConfig(process_credit="step"))
+
+
+@st.composite
+def _batch(draw):
+    g = draw(st.integers(1, 4))
+    n = draw(st.integers(1, 3))
+    b, t, k = g * n, draw(st.integers(1, 6)), draw(st.integers(0, 4))
+    fl = st.floats(-1e6, 1e6, allow_nan=False, width=32)
+    # few distinct values, so constant groups and ties happen often
+    fl = st.one_of(fl, st.sampled_from([0.0, 1.0, 0.1, -2.5]))
+    r_out = torch.tensor(draw(st.lists(fl, min_size=b, max_size=b)))
+    r_proc = torch.tensor(draw(st.lists(fl, min_size=b, max_size=b)))
+    gains = torch.tensor(
+        draw(st.lists(st.lists(fl, min_size=k, max_size=k), min_size=b, max_size=b))
+    ).reshape(b, k)
+    k_i = draw(st.lists(st.integers(0, k), min_size=b, max_size=b))
+    step_mask = torch.arange(k).unsqueeze(0) < torch.tensor(k_i).unsqueeze(-1)
+    m_full = torch.tensor(
+        draw(st.lists(st.lists(st.booleans(), min_size=t, max_size=t), min_size=b, max_size=b))
+    )
+    token_step = torch.tensor(
+        draw(
+            st.lists(
+                st.lists(st.integers(-1, max(k - 1, -1)), min_size=t, max_size=t), min_size=b, max_size=b
+            )
+        )
+    ).reshape(b, t)
+    token_step = torch.where(token_step < torch.tensor(k_i).unsqueeze(-1), token_step, -1)
+    m_cot = m_full & (token_step >= 0)
+    return g, r_out, r_proc, gains, step_mask, m_full, m_cot, token_step
+
+
+@settings(max_examples=150, deadline=None)
+@given(_batch(), st.sampled_from(["group", "batch", "none"]), st.sampled_from(["trajectory", "step"]))
+def test_advantages_always_finite(batch, scale, credit):
+    g, r_out, r_proc, gains, step_mask, m_full, m_cot, token_step = batch
+    adv = compute_advantages(
+        r_out,
+        r_proc,
+        m_full,
+        m_cot,
+        g,
+        AdvantageConfig(scale=scale, process_credit=credit),
+        step_gains=gains,
+        step_mask=step_mask,
+        token_step=token_step,
+    )
+    for x in (adv.seq_out, adv.seq_proc, adv.tok_out, adv.tok_proc):
+        assert torch.isfinite(x).all()
+    assert (adv.tok_out[~m_full] == 0).all() and (adv.tok_proc[~m_cot] == 0).all()
+    # each group's advantages sum to ~0 (a baseline, not a bias)
+    sums = adv.seq_out.reshape(-1, g).sum(-1)
+    assert torch.allclose(sums, torch.zeros_like(sums), atol=1e-3 * max(1.0, float(adv.seq_out.abs().max())))

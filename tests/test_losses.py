@@ -1,0 +1,454 @@
+"""Losses (SPEC section 5), with a group of 4 rollouts worked through by hand from l_k to L_total."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vlm_mig.advantages import AdvantageConfig, compute_advantages, group_normalize
+from vlm_mig.losses import Denominators, LossConfig, k3_kl, pg_loss, sft_gate, sft_loss, total_loss
+
+EPS = 1e-4
+NAN = float("nan")
+LN15, LN2 = math.log(1.5), math.log(2.0)
+
+
+def mig_inline(l: list[float]) -> tuple[list[float], list[float], float]:
+    """SPEC section 2, written out here (vlm_mig.mig owns the real one): watermark, gains, R_proc."""
+    h, gains = [l[0]], []
+    for lk in l[1:]:
+        gains.append(max(0.0, lk - h[-1]))
+        h.append(max(h[-1], lk))
+    return h, gains, sum(gains)
+
+
+# ----------------------------------------------------------------------------------------------
+# The worked example: G = 4 rollouts of one prompt, T = 8 completion tokens
+# ----------------------------------------------------------------------------------------------
+#
+# rollout | acc fmt R_out | l_0..l_K               | watermark h            | gains g_k     | R_proc
+# r1      |  1   1   2    | -3, -2, -1.5, -1       | -3, -2, -1.5, -1       | 1, 0.5, 0.5   | 2
+# r2      |  1   1   2    | -3, -3.5, -3.2         | -3, -3, -3             | 0, 0          | 0  (lucky guess)
+# r3      |  0   1   1    | -3, -4, -2             | -3, -3, -2             | 0, 1          | 1  (recovery: +1 over the
+# r4      |  1   0   1    | -3, -2                 | -3, -2                 | 1             | 1   record, not +2 over l_1)
+#
+# R_out = [2, 2, 1, 1]: mean 1.5, deviations +-0.5, unbiased var 4 * 0.25 / 3 = 1/3
+#   -> A_out = [a, a, -a, -a], a = 0.5 / (sqrt(1/3) + eps)
+# R_proc = [2, 0, 1, 1]: mean 1, deviations [1, -1, 0, 0], unbiased var 2/3
+#   -> A_proc = [b, -b, 0, 0], b = 1 / (sqrt(2/3) + eps)
+#
+# Token layout (step index per token; -1 = a tag/answer/EOS token, P = padding):
+#   r1: -1  0  0  1  2 -1 -1 -1     |M_full| = 8, |M_cot| = 4
+#   r2: -1  0  1  1 -1 -1 -1  P     |M_full| = 7, |M_cot| = 3
+#   r3: -1  0  0  1 -1 -1  P  P     |M_full| = 6, |M_cot| = 3
+#   r4: -1  0 -1 -1 -1  P  P  P     |M_full| = 5, |M_cot| = 1
+#
+# Log-probs: old = ref = -1 on every real token; new = old + ln 1.5 on r1 (ratio 1.5), old + ln 0.5 on
+# r3 (ratio 0.5), old elsewhere. Padding holds NaN in all three, which must change nothing.
+
+L = [[-3.0, -2.0, -1.5, -1.0], [-3.0, -3.5, -3.2], [-3.0, -4.0, -2.0], [-3.0, -2.0]]
+ACC = torch.tensor([1.0, 1.0, 0.0, 1.0])
+FMT = torch.tensor([1.0, 1.0, 1.0, 0.0])
+P = -2  # padding marker in the layout below
+LAYOUT = torch.tensor(
+    [
+        [-1, 0, 0, 1, 2, -1, -1, -1],
+        [-1, 0, 1, 1, -1, -1, -1, P],
+        [-1, 0, 0, 1, -1, -1, P, P],
+        [-1, 0, -1, -1, -1, P, P, P],
+    ]
+)
+M_FULL = LAYOUT != P
+M_COT = LAYOUT >= 0
+TOKEN_STEP = torch.where(LAYOUT >= 0, LAYOUT, -1)
+A = 0.5 / (math.sqrt(1 / 3) + EPS)
+B = 1.0 / (math.sqrt(2 / 3) + EPS)
+C = 0.5 / (math.sqrt(3 / 14) + EPS)  # step credit, see test_worked_example_step_credit
+
+
+def _logps():
+    old = torch.full((4, 8), -1.0)
+    new = old.clone()
+    new[0] += LN15
+    new[2] += math.log(0.5)
+    ref = old.clone()
+    for t in (old, new, ref):
+        t[~M_FULL] = NAN
+    return new.requires_grad_(True), old, ref
+
+
+def _example_rewards():
+    steps = [mig_inline(l) for l in L]
+    assert [h for h, _, _ in steps] == [[-3, -2, -1.5, -1], [-3, -3, -3], [-3, -3, -2], [-3, -2]]
+    assert [g for _, g, _ in steps] == [[1, 0.5, 0.5], [0, 0], [0, 1], [1]]
+    r_proc = torch.tensor([r for _, _, r in steps])
+    assert r_proc.tolist() == [2, 0, 1, 1]
+    r_out = ACC + FMT
+    assert r_out.tolist() == [2, 2, 1, 1]
+    gains = torch.zeros(4, 3)
+    step_mask = torch.zeros(4, 3, dtype=torch.bool)
+    for i, (_, g, _) in enumerate(steps):
+        gains[i, : len(g)] = torch.tensor(g)
+        step_mask[i, : len(g)] = True
+    return r_out, r_proc, gains, step_mask
+
+
+def test_worked_example_trajectory_credit():
+    r_out, r_proc, _gains, _step_mask = _example_rewards()
+    adv = compute_advantages(r_out, r_proc, M_FULL, M_COT, 4)
+    torch.testing.assert_close(adv.seq_out, torch.tensor([A, A, -A, -A]))
+    torch.testing.assert_close(adv.seq_proc, torch.tensor([B, -B, 0.0, 0.0]))
+    torch.testing.assert_close(
+        adv.tok_out,
+        torch.tensor(
+            [
+                [A, A, A, A, A, A, A, A],
+                [A, A, A, A, A, A, A, 0],
+                [-A, -A, -A, -A, -A, -A, 0, 0],
+                [-A, -A, -A, -A, -A, 0, 0, 0],
+            ]
+        ),
+    )
+    torch.testing.assert_close(
+        adv.tok_proc,
+        torch.tensor(
+            [
+                [0, B, B, B, B, 0, 0, 0],
+                [0, -B, -B, -B, 0, 0, 0, 0],
+                [0.0] * 8,
+                [0.0] * 8,
+            ]
+        ),
+    )
+
+    new, old, ref = _logps()
+    loss, d = total_loss(
+        new, old, M_FULL, M_COT, adv.tok_out, adv.tok_proc, ref_logp=ref, acc=ACC, fmt=FMT, r_proc=r_proc
+    )
+    # PG_out (grpo): per-sequence means r1 min(1.5a, 1.2a) = 1.2a, r2 a, r3 min(-0.5a, -0.8a) = -0.8a, r4 -a
+    pg_out = -(1.2 * A + A - 0.8 * A - A) / 4
+    # PG_proc: r1's 4 CoT tokens 1.2b each, r2's 3 tokens -b each, r3/r4 advantage 0
+    pg_proc = -(1.2 * B - B) / 4
+    # k3 per token: r1 exp(-ln1.5) + ln1.5 - 1 = ln1.5 - 1/3; r3 exp(ln2) - ln2 - 1 = 1 - ln2; others 0
+    kl = ((LN15 - 1 / 3) + (1 - LN2)) / 4
+    # SFT gates (fmt = acc = 1): r1, r2 -> -mean(-1 + ln1.5, -1)
+    sft = 1 - LN15 / 2
+    expected = 1.0 * pg_proc + 1.0 * pg_out + 0.04 * kl + 0.1 * sft
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert d["pg_out"].item() == pytest.approx(pg_out, rel=1e-5)
+    assert d["pg_proc"].item() == pytest.approx(pg_proc, rel=1e-5)
+    assert d["kl"].item() == pytest.approx(kl, rel=1e-5)
+    assert d["sft"].item() == pytest.approx(sft, rel=1e-5)
+    assert d["clip_frac_out"].item() == pytest.approx(14 / 26)  # r1's 8 tokens high, r3's 6 low
+    assert d["clip_frac_proc"].item() == pytest.approx(4 / 11)  # r1's 4 CoT tokens (r3's have A = 0)
+    assert d["ratio_max"].item() == pytest.approx(1.5) and d["ratio_min"].item() == pytest.approx(0.5)
+    assert d["ratio_mean"].item() == pytest.approx(27 / 26)
+    assert d["kl_mean"].item() == pytest.approx((8 * (LN15 - 1 / 3) + 6 * (1 - LN2)) / 26, rel=1e-5)
+    assert d["sft_gate_rate"].item() == 0.5 and d["sft_gated"].item() == 2
+
+    loss.backward()
+    g = new.grad
+    assert torch.isfinite(g).all() and (g[~M_FULL] == 0).all()  # NaN padding never leaks
+    # r2's tokens (ratio 1, unclipped; k3 has zero slope where logp = ref):
+    #   d/dlogp of  -(1/4)(1/7) r a  [outcome]  -(1/4)(1/3) r (-b)  [CoT tokens only]  -0.1 (1/2)(1/7) logp  [SFT]
+    g_tag = -A / 28 - 0.1 / 14
+    g_cot = g_tag + B / 12
+    torch.testing.assert_close(g[1, :7], torch.tensor([g_tag, g_cot, g_cot, g_cot, g_tag, g_tag, g_tag]))
+
+    # The third gate (R_proc > 0) drops r2, the lucky guess: SFT then imitates r1 only.
+    _loss3, d3 = total_loss(
+        new,
+        old,
+        M_FULL,
+        M_COT,
+        adv.tok_out,
+        adv.tok_proc,
+        LossConfig(sft_gate_proc=True),
+        ref_logp=ref,
+        acc=ACC,
+        fmt=FMT,
+        r_proc=r_proc,
+    )
+    assert d3["sft"].item() == pytest.approx(1 - LN15, rel=1e-5)
+    assert d3["sft_gate_rate"].item() == 0.25
+
+
+def test_worked_example_step_credit():
+    r_out, r_proc, gains, step_mask = _example_rewards()
+    # The group's 8 step gains 1, .5, .5 | 0, 0 | 0, 1 | 1: mean 0.5, deviations .5, 0, 0 | -.5, -.5 | -.5, .5 | .5,
+    # sum of squares 6 * 0.25 = 1.5, unbiased var 1.5 / 7 -> c = 0.5 / (sqrt(3/14) + eps)
+    adv = compute_advantages(
+        r_out,
+        r_proc,
+        M_FULL,
+        M_COT,
+        4,
+        AdvantageConfig(process_credit="step"),
+        step_gains=gains,
+        step_mask=step_mask,
+        token_step=TOKEN_STEP,
+    )
+    torch.testing.assert_close(
+        adv.tok_proc,
+        torch.tensor(
+            [
+                [0, C, C, 0, 0, 0, 0, 0],
+                [0, -C, -C, -C, 0, 0, 0, 0],
+                [0, -C, -C, C, 0, 0, 0, 0],
+                [0, C, 0, 0, 0, 0, 0, 0],
+            ]
+        ),
+    )
+    new, old, _ = _logps()
+    pg, _ = pg_loss(new, old, adv.tok_proc, M_COT)
+    # r1: (1.2c + 1.2c + 0 + 0) / 4; r2: -c; r3 (ratio .5): (-.8c - .8c + .5c) / 3; r4: c
+    expected = -(2.4 * C / 4 - C - 1.1 * C / 3 + C) / 4
+    assert pg.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_normalizers_on_the_example():
+    _, old, _ = _logps()
+    new, _, _ = _logps()
+    adv = torch.tensor([A, A, -A, -A])
+    # token sums: r1 8 * 1.2a, r2 7a, r3 6 * -0.8a, r4 5 * -a  -> 6.8a over 26 tokens
+    dapo, _ = pg_loss(new, old, adv, M_FULL, normalizer="dapo")
+    assert dapo.item() == pytest.approx(-6.8 * A / 26, rel=1e-5)
+    dr, _ = pg_loss(new, old, adv, M_FULL, normalizer="dr_grpo", max_completion_length=10)
+    assert dr.item() == pytest.approx(-6.8 * A / 40, rel=1e-5)
+    dr_t, _ = pg_loss(new, old, adv, M_FULL, normalizer="dr_grpo")  # L defaults to T = 8
+    assert dr_t.item() == pytest.approx(-6.8 * A / 32, rel=1e-5)
+    with pytest.raises(ValueError):
+        LossConfig(normalizer="token")
+
+
+def test_ratio_stats_ignore_padding():
+    logp = torch.tensor([[0.4, 0.4, 9.0], [0.2, -9.0, -9.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    _, d = total_loss(
+        logp, torch.zeros(2, 3), mask, mask, torch.zeros(2), torch.zeros(2), LossConfig(gamma=0, kl_coef=0)
+    )
+    assert d["ratio_min"].item() == pytest.approx(math.exp(0.2)) and d["ratio_max"].item() == pytest.approx(
+        math.exp(0.4)
+    )
+    empty = torch.zeros(2, 3, dtype=torch.bool)
+    _, d = total_loss(
+        logp, torch.zeros(2, 3), empty, empty, torch.zeros(2), torch.zeros(2), LossConfig(gamma=0, kl_coef=0)
+    )
+    assert d["ratio_min"].item() == 1.0 and d["ratio_max"].item() == 1.0 and d["clip_frac_out"].item() == 0
+
+
+def test_clip_higher():
+    new, old, _ = _logps()
+    _, d = pg_loss(new, old, torch.tensor([A, A, -A, -A]), M_FULL, eps_clip_high=0.6)
+    assert d["clip_frac_high"].item() == 0 and d["clip_frac_low"].item() == pytest.approx(6 / 26)
+
+
+# ----------------------------------------------------------------------------------------------
+# GRPO = the same code with alpha = gamma = 0
+# ----------------------------------------------------------------------------------------------
+
+
+def grpo_reference(logp, old, ref, rewards, mask, group, eps_clip=0.2, beta=0.04):
+    """The GRPO objective written directly (as in the DeepSeekMath paper / TRL), independent of vlm_mig."""
+    rg = rewards.view(-1, group)
+    adv = (rewards - rg.mean(1).repeat_interleave(group)) / (rg.std(1).repeat_interleave(group) + 1e-4)
+    ratio = torch.exp(logp - old)
+    surr = torch.min(ratio * adv[:, None], torch.clamp(ratio, 1 - eps_clip, 1 + eps_clip) * adv[:, None])
+    kl = torch.exp(ref - logp) - (ref - logp) - 1
+    per_tok = -(surr - beta * kl)
+    return ((per_tok * mask).sum(-1) / mask.sum(-1)).mean()
+
+
+def test_grpo_is_alpha_gamma_zero():
+    gen = torch.Generator().manual_seed(0)
+    b, t, group = 8, 12, 4
+    old = -torch.rand(b, t, generator=gen) * 3
+    ref = old + 0.3 * torch.randn(b, t, generator=gen)
+    base = old + 0.3 * torch.randn(b, t, generator=gen)  # ratios around 1, some clipped
+    lengths = torch.randint(3, t + 1, (b,), generator=gen)
+    mask = torch.arange(t)[None] < lengths[:, None]
+    rewards = torch.tensor([1.0, 0.0, 2.0, 1.0, 0.0, 0.5, 0.5, 2.0])
+    m_cot = mask & (torch.rand(b, t, generator=gen) < 0.5)
+
+    ref_logp = base.clone().requires_grad_(True)
+    expected = grpo_reference(ref_logp, old, ref, rewards, mask.float(), group)
+    expected.backward()
+
+    ours_logp = base.clone().requires_grad_(True)
+    adv = compute_advantages(rewards, torch.randn(b, generator=gen), mask, m_cot, group)
+    loss, d = total_loss(
+        ours_logp,
+        old,
+        mask,
+        m_cot,
+        adv.tok_out,
+        adv.tok_proc,
+        LossConfig(alpha=0.0, gamma=0.0),
+        ref_logp=ref,
+        acc=(rewards > 1).float(),
+        fmt=torch.ones(b),
+    )
+    loss.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(ours_logp.grad, ref_logp.grad, rtol=1e-5, atol=1e-7)
+    assert d["clip_frac_out"] > 0  # the batch exercises the clip
+    assert "pg_proc" not in d and "sft" not in d
+
+
+def test_microbatches_sum_to_full_batch():
+    gen = torch.Generator().manual_seed(1)
+    b, t = 8, 10
+    old = -torch.rand(b, t, generator=gen) * 3
+    ref = old + 0.2 * torch.randn(b, t, generator=gen)
+    base = old + 0.3 * torch.randn(b, t, generator=gen)
+    mf = torch.arange(t)[None] < torch.randint(0, t + 1, (b,), generator=gen)[:, None]
+    mc = mf & (torch.rand(b, t, generator=gen) < 0.6)
+    a_out, a_proc = torch.randn(b, generator=gen), torch.randn(b, generator=gen)
+    acc, fmt = (torch.rand(b, generator=gen) < 0.5).float(), (torch.rand(b, generator=gen) < 0.7).float()
+    for norm in ("grpo", "dapo", "dr_grpo"):
+        cfg = LossConfig(normalizer=norm, max_completion_length=16)
+        full, _ = total_loss(base, old, mf, mc, a_out, a_proc, cfg, ref_logp=ref, acc=acc, fmt=fmt)
+        den = Denominators.from_batch(mc, mf, sft_gate(acc, fmt), cfg)
+        parts = sum(
+            total_loss(
+                base[s],
+                old[s],
+                mf[s],
+                mc[s],
+                a_out[s],
+                a_proc[s],
+                cfg,
+                ref_logp=ref[s],
+                acc=acc[s],
+                fmt=fmt[s],
+                denominators=den,
+            )[0]
+            for s in (slice(0, 3), slice(3, 8))
+        )
+        assert parts.item() == pytest.approx(full.item(), rel=1e-5, abs=1e-6), norm
+
+
+# ----------------------------------------------------------------------------------------------
+# Edge cases and robustness
+# ----------------------------------------------------------------------------------------------
+
+
+def test_sft_no_gated_rollout_is_zero_with_graph():
+    logp = torch.randn(3, 5, requires_grad=True)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    gate = sft_gate(torch.tensor([0.0, 1.0, 1.0]), torch.tensor([1.0, 0.0, 0.0]))
+    assert not gate.any()
+    loss = sft_loss(logp, mask, gate)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert logp.grad is not None and (logp.grad == 0).all()
+    # all weights zero still gives a loss attached to the graph
+    total, d = total_loss(
+        logp,
+        None,
+        mask,
+        mask,
+        torch.zeros(3),
+        torch.zeros(3),
+        LossConfig(alpha=0, beta=0, gamma=0, kl_coef=0),
+    )
+    total.backward()
+    assert total.item() == 0.0 and d["sft_gate_rate"].item() == 0
+
+
+def test_k3_kl_properties():
+    p = torch.tensor([[-1.0, -2.0, -0.5]])
+    q = torch.tensor([[-1.0, -1.0, -3.0]])
+    kl = k3_kl(p, q, torch.ones_like(p, dtype=torch.bool))
+    assert kl[0, 0] == 0 and (kl >= 0).all()
+    assert kl[0, 1].item() == pytest.approx(math.exp(1) - 1 - 1)  # q - p = 1
+
+
+def test_missing_inputs_are_errors():
+    x = torch.zeros(2, 3)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="ref_logp"):
+        total_loss(x, x, m, m, torch.zeros(2), torch.zeros(2), LossConfig(gamma=0))
+    with pytest.raises(ValueError, match="acc and fmt"):
+        total_loss(x, x, m, m, torch.zeros(2), torch.zeros(2), LossConfig(kl_coef=0))
+    with pytest.raises(ValueError):
+        sft_gate(torch.ones(2), torch.ones(2), gate_proc=True)
+
+
+finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
+special = st.sampled_from([0.0, -1e4, 1e4, -30.0, 30.0])
+cells = st.one_of(finite, special)
+
+
+@st.composite
+def _loss_batch(draw):
+    b, t = draw(st.integers(1, 5)), draw(st.integers(1, 6))
+
+    def mat(el):
+        return torch.tensor(draw(st.lists(st.lists(el, min_size=t, max_size=t), min_size=b, max_size=b)))
+
+    def vec(el):
+        return torch.tensor(draw(st.lists(el, min_size=b, max_size=b)))
+
+    mf = mat(st.booleans())
+    mc = mf & mat(st.booleans())
+    return {
+        "logp": mat(cells),
+        "old": mat(cells),
+        "ref": mat(cells),
+        "mf": mf,
+        "mc": mc,
+        "a_out": mat(cells),
+        "a_proc": vec(cells),
+        "acc": vec(st.sampled_from([0.0, 1.0])),
+        "fmt": vec(st.sampled_from([0.0, 1.0])),
+        "r_proc": vec(cells),
+        "entropy": mat(cells),
+    }
+
+
+@settings(max_examples=150, deadline=None)
+@given(_loss_batch(), st.sampled_from(["grpo", "dapo", "dr_grpo"]), st.booleans(), st.booleans())
+def test_total_loss_always_finite(x, norm, gate_proc, garbage_padding):
+    logp, old, ref = x["logp"], x["old"], x["ref"]
+    if garbage_padding:  # NaN/inf where the mask is off must not matter
+        logp = torch.where(x["mf"], logp, NAN)
+        old = torch.where(x["mf"], old, -math.inf)
+        ref = torch.where(x["mf"], ref, math.inf)
+    logp = logp.clone().requires_grad_(True)
+    cfg = LossConfig(normalizer=norm, sft_gate_proc=gate_proc, eps_clip_high=0.28)
+    loss, d = total_loss(
+        logp,
+        old,
+        x["mf"],
+        x["mc"],
+        x["a_out"],
+        x["a_proc"],
+        cfg,
+        ref_logp=ref,
+        acc=x["acc"],
+        fmt=x["fmt"],
+        r_proc=x["r_proc"],
+        entropy=x["entropy"],
+    )
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(logp.grad).all()
+    for k, v in d.items():
+        assert torch.isfinite(v).all(), k
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), min_size=4, max_size=4))
+def test_group_normalize_feeds_finite_loss(rewards):
+    # From rewards to loss: any rewards of a group give a finite loss and gradient.
+    r = torch.tensor(rewards)
+    adv = group_normalize(r, 4)
+    logp = torch.zeros(4, 3, requires_grad=True)
+    loss, _ = pg_loss(logp, torch.zeros(4, 3), adv, torch.ones(4, 3, dtype=torch.bool))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()

@@ -1,0 +1,251 @@
+"""Group-normalised advantages and decoupled token advantages (SPEC section 4).
+
+Rows of every tensor are rollouts laid out group by group: rows ``[g*G, (g+1)*G)`` are the ``G``
+completions of prompt ``g`` (the order the rollout engine produces). Per group, with eps = 1e-4:
+
+    A_out_i  = (R_out_i  - mean_j R_out_j)  / (std_j R_out_j  + eps)
+    A_proc_i = (R_proc_i - mean_j R_proc_j) / (std_j R_proc_j + eps)
+
+``std`` is the unbiased sample std (``torch.std``), as in TRL's and verl's GRPO. A group whose
+rewards are all equal gets exactly 0, never NaN. Token advantages are decoupled: the outcome
+advantage covers ``M_full`` (every completion token through EOS), the process advantage ``M_cot``
+(the step tokens) only.
+
+Pure functions on tensors; no state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "PROCESS_CREDITS",
+    "SCALES",
+    "AdvantageConfig",
+    "Advantages",
+    "compute_advantages",
+    "group_normalize",
+    "step_normalize",
+    "token_advantages",
+    "zero_std_fraction",
+]
+
+SCALES = ("group", "batch", "none")
+PROCESS_CREDITS = ("trajectory", "step")
+
+
+@dataclass
+class AdvantageConfig:
+    """How rewards become advantages (SPEC section 4)."""
+
+    scale: str = "group"  #: divide by the group std ("group"), the batch std ("batch") or nothing ("none")
+    eps: float = 1e-4  #: added to the std, so a near-constant group cannot blow up
+    process_credit: str = (
+        "trajectory"  #: "trajectory": every CoT token gets A_proc_i; "step": step k gets g_k
+    )
+
+    def __post_init__(self) -> None:
+        if self.scale not in SCALES:
+            raise ValueError(f"advantage scale must be one of {SCALES}, got {self.scale!r}")
+        if self.process_credit not in PROCESS_CREDITS:
+            raise ValueError(f"process_credit must be one of {PROCESS_CREDITS}, got {self.process_credit!r}")
+        if not self.eps > 0:
+            raise ValueError(f"advantage eps must be > 0, got {self.eps}")
+
+
+def _check_groups(n: int, group_size: int) -> int:
+    if group_size < 1 or n % group_size != 0:
+        raise ValueError(f"{n} rollouts cannot be split into groups of {group_size}")
+    return n // group_size
+
+
+def _masked_group_normalize(
+    values: torch.Tensor, valid: torch.Tensor, group_size: int, scale: str, eps: float
+) -> torch.Tensor:
+    """Core of both normalisers. ``values``/``valid``: [B, N]; statistics pool each group's valid cells.
+
+    mean_g = sum(v) / n_g;  std_g = sqrt(sum((v - mean_g)^2) / (n_g - 1));  out = (v - mean_g) / (s + eps)
+    where s is std_g ("group"), the std over every valid cell of the batch ("batch"), or 1 with
+    eps = 0 ("none"). Cells of a group whose valid values are all equal, or of a group with fewer than
+    two valid cells (no spread to measure), are exactly 0; invalid cells are 0.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"advantage scale must be one of {SCALES}, got {scale!r}")
+    b, n = values.shape
+    n_groups = _check_groups(b, group_size)
+    if n == 0:  # no steps anywhere in the batch
+        return torch.zeros(b, 0, dtype=torch.float32, device=values.device)
+    v = torch.where(valid, values.float(), 0.0)
+    vg = v.reshape(n_groups, group_size * n)
+    mg = valid.reshape(n_groups, group_size * n)
+    cnt = mg.sum(-1, keepdim=True)
+    mean = vg.sum(-1, keepdim=True) / cnt.clamp(min=1)
+    dev = torch.where(mg, vg - mean, 0.0)
+    # A group is "constant" when max == min over its valid cells: the mean of equal floats need not
+    # round back to the same float, so dev could be ~1e-17 instead of 0; force exact zeros instead.
+    big = torch.finfo(vg.dtype).max
+    vmax = torch.where(mg, vg, -big).amax(-1, keepdim=True)
+    vmin = torch.where(mg, vg, big).amin(-1, keepdim=True)
+    constant = (vmax <= vmin) | (cnt < 2)
+    if scale == "group":
+        std = (dev.square().sum(-1, keepdim=True) / (cnt - 1).clamp(min=1)).sqrt()
+        out = dev / (std + eps)
+    elif scale == "batch":
+        # Group means stay (each prompt is its own baseline); only the scale is shared, from the raw
+        # values of the whole batch, as TRL's scale_rewards="batch".
+        n_all = valid.sum()
+        if n_all >= 2:
+            flat = v[valid]
+            std = flat.std()
+        else:
+            std = torch.zeros((), dtype=v.dtype, device=v.device)
+        out = dev / (std + eps)
+    else:
+        out = dev
+    out = torch.where(constant | ~mg, 0.0, out)
+    return out.reshape(b, n)
+
+
+def group_normalize(
+    rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
+    """Sequence advantages [B] from rewards [B]: ``A_i = (R_i - mean_g R) / (std_g R + eps)``.
+
+    ``scale="batch"`` divides by the std of all rewards of the batch instead (group means kept);
+    ``scale="none"`` only subtracts the group mean (Dr. GRPO). Constant groups, and groups of one
+    rollout, give exactly 0. Returns float32.
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
+    r = rewards.reshape(-1, 1)
+    return _masked_group_normalize(r, torch.ones_like(r, dtype=torch.bool), group_size, scale, eps).reshape(
+        -1
+    )
+
+
+def step_normalize(
+    step_gains: torch.Tensor,
+    step_mask: torch.Tensor,
+    group_size: int,
+    *,
+    scale: str = "group",
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """Step advantages [B, K] from the per-step gains ``g_k`` [B, K] (``process_credit: step``).
+
+    Column ``k`` holds step ``k + 1`` (``g_1`` is column 0); ``step_mask`` [B, K] marks the real steps
+    (row i has K_i leading True). Normalised over **all steps of the group** (SPEC section 4):
+    ``(g_ik - mean) / (std + eps)`` with mean and std over the valid cells of the group's rows;
+    ``scale`` as in ``group_normalize`` (``"batch"``: std over every valid step of the batch).
+    Padding cells are 0.
+    """
+    if step_gains.shape != step_mask.shape or step_gains.dim() != 2:
+        raise ValueError(
+            f"step_gains {tuple(step_gains.shape)} and step_mask {tuple(step_mask.shape)} must be the same [B, K]"
+        )
+    return _masked_group_normalize(step_gains, step_mask.bool(), group_size, scale, eps)
+
+
+def zero_std_fraction(rewards: torch.Tensor, group_size: int) -> float:
+    """Fraction of groups whose rewards are all equal (they carry no GRPO signal); a logged metric."""
+    rg = rewards.reshape(_check_groups(rewards.numel(), group_size), group_size)
+    return float((rg.amax(-1) <= rg.amin(-1)).float().mean())
+
+
+def token_advantages(
+    seq_adv: torch.Tensor | None,
+    mask: torch.Tensor,
+    *,
+    step_adv: torch.Tensor | None = None,
+    token_step: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token advantages [B, T], zero outside ``mask``.
+
+    * Trajectory credit: ``A[i, t] = seq_adv[i] * mask[i, t]``.
+    * Step credit (``step_adv`` [B, K] and ``token_step`` [B, T] given): ``A[i, t] = step_adv[i, s]``
+      where ``s = token_step[i, t]`` is the 0-based index of the step that token belongs to and
+      ``-1`` marks tokens of no step; tokens outside ``mask`` or with ``s = -1`` get 0. A step index
+      at or beyond ``K`` is an error (it would mean the segmenter and the scorer disagree).
+    """
+    m = mask.bool()
+    if step_adv is None:
+        if seq_adv is None:
+            raise ValueError("token_advantages needs seq_adv, or step_adv with token_step")
+        if seq_adv.shape != m.shape[:1]:
+            raise ValueError(f"seq_adv {tuple(seq_adv.shape)} does not match mask {tuple(m.shape)}")
+        return torch.where(m, seq_adv.float().unsqueeze(-1), 0.0)
+    if token_step is None:
+        raise ValueError("step credit needs token_step [B, T] (step index per token, -1 outside steps)")
+    if token_step.shape != m.shape or step_adv.shape[0] != m.shape[0]:
+        raise ValueError(
+            f"token_step {tuple(token_step.shape)}, mask {tuple(m.shape)} and step_adv {tuple(step_adv.shape)} "
+            "disagree"
+        )
+    k = step_adv.shape[1]
+    ts = token_step.long()
+    in_step = m & (ts >= 0)
+    if bool((ts[in_step] >= k).any()):
+        raise ValueError(f"token_step has a step index >= K = {k}")
+    idx = ts.clamp(min=0, max=max(k - 1, 0))
+    if k == 0:
+        return torch.zeros(m.shape, dtype=torch.float32, device=m.device)
+    gathered = step_adv.float().gather(1, idx)
+    return torch.where(in_step, gathered, 0.0)
+
+
+@dataclass
+class Advantages:
+    """Everything section 4 produces for one rollout batch."""
+
+    seq_out: torch.Tensor  #: [B] A_out per rollout
+    seq_proc: torch.Tensor  #: [B] A_proc per rollout (trajectory credit; also logged under step credit)
+    tok_out: torch.Tensor  #: [B, T] A_out on M_full, 0 elsewhere
+    tok_proc: torch.Tensor  #: [B, T] process advantage on M_cot, 0 elsewhere
+    zero_std_out: float  #: fraction of groups with constant R_out
+    zero_std_proc: float  #: fraction of groups with constant R_proc
+
+
+def compute_advantages(
+    r_out: torch.Tensor,
+    r_proc: torch.Tensor,
+    m_full: torch.Tensor,
+    m_cot: torch.Tensor,
+    group_size: int,
+    cfg: AdvantageConfig | None = None,
+    *,
+    step_gains: torch.Tensor | None = None,
+    step_mask: torch.Tensor | None = None,
+    token_step: torch.Tensor | None = None,
+) -> Advantages:
+    """Sequence and decoupled token advantages for a batch (SPEC section 4).
+
+    ``r_out``, ``r_proc``: [B]; ``m_full``, ``m_cot``: [B, T] completion masks. With
+    ``cfg.process_credit == "step"`` also pass ``step_gains``/``step_mask`` [B, K] (``g_1..g_K``,
+    left-aligned) and ``token_step`` [B, T] (0-based step of each token, -1 for non-step tokens).
+    """
+    cfg = cfg or AdvantageConfig()
+    if m_full.shape != m_cot.shape or m_full.shape[0] != r_out.shape[0] or r_proc.shape != r_out.shape:
+        raise ValueError(
+            f"shapes disagree: r_out {tuple(r_out.shape)}, r_proc {tuple(r_proc.shape)}, "
+            f"m_full {tuple(m_full.shape)}, m_cot {tuple(m_cot.shape)}"
+        )
+    a_out = group_normalize(r_out, group_size, scale=cfg.scale, eps=cfg.eps)
+    a_proc = group_normalize(r_proc, group_size, scale=cfg.scale, eps=cfg.eps)
+    tok_out = token_advantages(a_out, m_full)
+    if cfg.process_credit == "trajectory":
+        tok_proc = token_advantages(a_proc, m_cot)
+    else:
+        if step_gains is None or step_mask is None or token_step is None:
+            raise ValueError("process_credit='step' needs step_gains, step_mask and token_step")
+        step_adv = step_normalize(step_gains, step_mask, group_size, scale=cfg.scale, eps=cfg.eps)
+        tok_proc = token_advantages(None, m_cot, step_adv=step_adv, token_step=token_step)
+    return Advantages(
+        seq_out=a_out,
+        seq_proc=a_proc,
+        tok_out=tok_out,
+        tok_proc=tok_proc,
+        zero_std_out=zero_std_fraction(r_out, group_size),
+        zero_std_proc=zero_std_fraction(r_proc, group_size),
+    )

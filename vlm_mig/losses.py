@@ -1,0 +1,332 @@
+"""The training objective (SPEC section 5) as pure functions of per-token log-probs and masks.
+
+    L_total = alpha * PG(A_proc, M_cot) + beta * PG(A_out, M_full) + kl_coef * KL(pi_theta || pi_ref)
+              + gamma * L_sft
+
+    PG(A, M) = - sum_i sum_t w_i * M_it * min(r_it A_it, clip(r_it, 1 - eps_lo, 1 + eps_hi) A_it) / D
+    r_it     = exp(log pi_theta(z_it) - log pi_old(z_it))
+
+Normalisers (``w_i``, ``D``), chosen by ``LossConfig.normalizer``:
+  * ``grpo``    (default): w_i = 1 / |M_i| (token mean per sequence), D = B (then a batch mean);
+  * ``dapo``:    w_i = 1, D = sum_i |M_i| (every token of the batch weighs the same);
+  * ``dr_grpo``: w_i = 1, D = B * L with the constant L = ``max_completion_length`` (Dr. GRPO).
+
+KL uses the k3 estimator ``exp(q - p) - (q - p) - 1`` (p = log pi_theta, q = log pi_ref), averaged
+over ``M_full`` with the same normaliser as the outcome term. The dual-gated SFT term is
+
+    L_sft = - (1 / N_gate) * sum_{i gated} (1 / |z_i|) sum_t log pi_theta(z_it)
+
+over rollouts with ``fmt = 1`` and ``acc = 1`` (and optionally ``R_proc > 0``); ``N_gate = 0`` gives
+exactly 0 with a valid (all-zero) gradient.
+
+The GRPO baseline is this same code with ``alpha = 0`` and ``gamma = 0``.
+
+Every function takes tensors and returns tensors; the trainer stays the only stateful piece. All
+arithmetic is fp32 whatever the input dtype, and masked-out positions are replaced (not multiplied)
+by zeros before any ``exp``, so padding with garbage log-probs can produce neither NaN nor inf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "LOG_RATIO_CLAMP",
+    "NORMALIZERS",
+    "Denominators",
+    "LossConfig",
+    "k3_kl",
+    "masked_mean",
+    "pg_loss",
+    "sft_gate",
+    "sft_loss",
+    "total_loss",
+]
+
+NORMALIZERS = ("grpo", "dapo", "dr_grpo")
+#: |log r| is clamped here before exp (as verl does): exp(20) ~ 5e8 keeps fp32 finite for any input.
+LOG_RATIO_CLAMP = 20.0
+
+
+@dataclass
+class LossConfig:
+    """Weights and options of L_total (SPEC section 5); the trainer's config embeds this."""
+
+    alpha: float = 1.0  #: weight of the process term PG(A_proc, M_cot); 0 for the GRPO baseline
+    beta: float = 1.0  #: weight of the outcome term PG(A_out, M_full)
+    gamma: float = 0.1  #: weight of the dual-gated SFT term; 0 for the GRPO baseline
+    kl_coef: float = 0.04  #: weight of KL(pi_theta || pi_ref) (k3); 0 disables the reference model
+    eps_clip: float = 0.2  #: PPO clip range: r is clipped to [1 - eps_clip, 1 + eps_clip_high]
+    eps_clip_high: float | None = None  #: upper clip (DAPO "clip-higher"); None means eps_clip
+    normalizer: str = "grpo"  #: "grpo" (per-sequence mean, then batch mean) | "dapo" (tokens) | "dr_grpo"
+    max_completion_length: int | None = None  #: the constant L of "dr_grpo"; None means the batch width T
+    sft_gate_proc: bool = False  #: third SFT gate R_proc > 0 (drops correct answers no step led to)
+
+    def __post_init__(self) -> None:
+        if self.normalizer not in NORMALIZERS:
+            raise ValueError(f"loss normalizer must be one of {NORMALIZERS}, got {self.normalizer!r}")
+        if not 0 <= self.eps_clip < 1:
+            raise ValueError(f"eps_clip must be in [0, 1), got {self.eps_clip}")
+        if self.eps_clip_high is not None and self.eps_clip_high < 0:
+            raise ValueError(f"eps_clip_high must be >= 0, got {self.eps_clip_high}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.max_completion_length is not None and self.max_completion_length < 1:
+            raise ValueError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over ``mask``; 0 when the mask is empty."""
+    m = mask.bool()
+    return torch.where(m, x.float(), 0.0).sum() / m.sum().clamp(min=1)
+
+
+def _token_weights(mask: torch.Tensor, normalizer: str) -> torch.Tensor:
+    """``w_i * M_it`` as floats: 1/|M_i| per token for "grpo", 1 per token otherwise."""
+    m = mask.float()
+    if normalizer == "grpo":
+        return m / m.sum(-1, keepdim=True).clamp(min=1.0)
+    return m
+
+
+@dataclass(frozen=True)
+class Denominators:
+    """The ``D`` of each term; computed on the **whole** batch when it is split into micro-batches.
+
+    With the full-batch values, summing the losses of the micro-batches gives exactly the loss of
+    the whole batch (each term is a sum over rows divided by a batch constant), so gradient
+    accumulation needs no rescaling.
+    """
+
+    cot: float  #: D of PG(A_proc, M_cot)
+    full: float  #: D of PG(A_out, M_full) and of KL
+    sft: float  #: number of rollouts passing the SFT gates (clamped to >= 1)
+
+    @staticmethod
+    def of(mask: torch.Tensor, normalizer: str, max_completion_length: int | None = None) -> float:
+        """``D`` for one mask [B, T]: B ("grpo"), total tokens ("dapo"), B * L ("dr_grpo")."""
+        if normalizer not in NORMALIZERS:
+            raise ValueError(f"loss normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
+        b, t = mask.shape
+        if normalizer == "grpo":
+            return float(max(b, 1))
+        if normalizer == "dapo":
+            return float(max(int(mask.bool().sum()), 1))
+        return float(max(b, 1) * (max_completion_length or t))
+
+    @classmethod
+    def from_batch(
+        cls, m_cot: torch.Tensor, m_full: torch.Tensor, gate: torch.Tensor, cfg: LossConfig
+    ) -> Denominators:
+        """Denominators of the batch ``(m_cot, m_full, gate)`` under ``cfg``."""
+        return cls(
+            cot=cls.of(m_cot, cfg.normalizer, cfg.max_completion_length),
+            full=cls.of(m_full, cfg.normalizer, cfg.max_completion_length),
+            sft=float(max(int(gate.bool().sum()), 1)),
+        )
+
+
+def _clamped_log_ratio(logp: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``logp - other`` on the mask, 0 elsewhere, clamped to +-LOG_RATIO_CLAMP (finite exp, finite grad)."""
+    m = mask.bool()
+    d = torch.where(m, logp.float(), 0.0) - torch.where(m, other.float(), 0.0)
+    return d.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def pg_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_clip: float = 0.2,
+    eps_clip_high: float | None = None,
+    normalizer: str = "grpo",
+    denom: float | None = None,
+    max_completion_length: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped policy-gradient term ``PG(A, M)`` (formula in the module docstring).
+
+    ``logp``, ``old_logp``, ``mask``: [B, T]; ``advantages``: [B, T] per token, or [B] per sequence
+    (broadcast over the tokens). ``denom`` overrides ``D`` (use ``Denominators`` for micro-batches).
+    Returns the loss and detached diagnostics: ``clip_frac`` (masked tokens where the clipped branch
+    is the active one: ``r < 1 - eps`` with ``A < 0``, or ``r > 1 + eps_high`` with ``A > 0``, i.e.
+    where the token gets no gradient), ``clip_frac_low``, ``clip_frac_high``.
+    """
+    if normalizer not in NORMALIZERS:
+        raise ValueError(f"loss normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
+    if logp.shape != old_logp.shape or logp.shape != mask.shape:
+        raise ValueError(
+            f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)}, mask {tuple(mask.shape)}"
+        )
+    m = mask.bool()
+    adv = advantages.float()
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(-1).expand_as(logp)
+    if adv.shape != logp.shape:
+        raise ValueError(f"advantages {tuple(advantages.shape)} do not match logp {tuple(logp.shape)}")
+    adv = torch.where(m, adv, 0.0)
+    hi = eps_clip if eps_clip_high is None else eps_clip_high
+    ratio = torch.exp(_clamped_log_ratio(logp, old_logp, m))
+    surr1 = ratio * adv
+    surr2 = ratio.clamp(1.0 - eps_clip, 1.0 + hi) * adv
+    per_tok = -torch.minimum(surr1, surr2)
+    w = _token_weights(m, normalizer)
+    d = denom if denom is not None else Denominators.of(m, normalizer, max_completion_length)
+    loss = (per_tok * w).sum() / d
+    with torch.no_grad():
+        low = (ratio < 1.0 - eps_clip) & (adv < 0) & m
+        high = (ratio > 1.0 + hi) & (adv > 0) & m
+        n = m.sum().clamp(min=1)
+        diag = {
+            "clip_frac": (low | high).sum() / n,
+            "clip_frac_low": low.sum() / n,
+            "clip_frac_high": high.sum() / n,
+        }
+    return loss, diag
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi_theta || pi_ref): ``exp(q - p) - (q - p) - 1`` (>= 0), 0 off mask.
+
+    Unbiased for the KL under samples of pi_theta, and always non-negative (Schulman's k3, as GRPO).
+    """
+    d = _clamped_log_ratio(ref_logp, logp, mask)  # q - p
+    return torch.where(mask.bool(), torch.exp(d) - d - 1.0, 0.0)
+
+
+def sft_gate(
+    acc: torch.Tensor, fmt: torch.Tensor, r_proc: torch.Tensor | None = None, *, gate_proc: bool = False
+) -> torch.Tensor:
+    """Bool [B]: rollouts that pass the structural gate (``fmt = 1``) and the factual gate (``acc = 1``),
+    and, with ``gate_proc``, ``R_proc > 0`` (so a correct answer that no step made likelier, a lucky
+    guess, is not imitated)."""
+    g = (fmt.float() >= 1.0) & (acc.float() >= 1.0)
+    if gate_proc:
+        if r_proc is None:
+            raise ValueError("the R_proc > 0 gate needs r_proc")
+        g = g & (r_proc.float() > 0)
+    return g
+
+
+def sft_loss(
+    logp: torch.Tensor, mask: torch.Tensor, gate: torch.Tensor, *, denom: float | None = None
+) -> torch.Tensor:
+    """``L_sft = -(1/N_gate) sum_{i gated} mean_t log pi_theta(z_it)`` over ``mask`` (= M_full).
+
+    No gated rollout gives exactly 0, still connected to ``logp`` (gradient all zeros, not None),
+    so the trainer's ``backward`` works the same on every batch.
+    """
+    m = mask.bool()
+    w = _token_weights(m, "grpo") * gate.bool().unsqueeze(-1).float()  # 1/|z_i| on gated rows only
+    d = denom if denom is not None else float(max(int(gate.bool().sum()), 1))
+    return -(torch.where(m, logp.float(), 0.0) * w).sum() / d
+
+
+def total_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    m_full: torch.Tensor,
+    m_cot: torch.Tensor,
+    adv_out: torch.Tensor,
+    adv_proc: torch.Tensor,
+    cfg: LossConfig | None = None,
+    *,
+    ref_logp: torch.Tensor | None = None,
+    acc: torch.Tensor | None = None,
+    fmt: torch.Tensor | None = None,
+    r_proc: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    denominators: Denominators | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``L_total`` and every diagnostic the trainer logs.
+
+    Inputs: ``logp`` [B, T] log pi_theta of the completion tokens (carries the gradient); ``old_logp``
+    [B, T] log pi_old (``None``: ``logp.detach()``, i.e. ``num_iterations = 1``); ``m_full``/``m_cot``
+    [B, T]; ``adv_out``/``adv_proc`` [B, T] token advantages (or [B]); ``ref_logp`` [B, T] (needed when
+    ``kl_coef > 0``); ``acc``, ``fmt``, ``r_proc`` [B] (needed when ``gamma > 0``); ``entropy``
+    [B, T] per-token policy entropy, only logged. ``denominators``: full-batch ``Denominators`` when
+    this is one micro-batch of several.
+
+    Terms with weight 0 are not computed (their diagnostics are absent), so the GRPO baseline
+    (``alpha = gamma = 0``) costs nothing extra. Diagnostics are detached 0-dim tensors (call
+    ``.item()`` when logging, once per step): ``loss``, ``pg_proc``, ``pg_out``, ``kl``, ``sft``
+    (each unweighted), ``clip_frac_proc``, ``clip_frac_out`` (and ``_low``/``_high``), ``ratio_mean``,
+    ``ratio_min``, ``ratio_max`` (over M_full), ``kl_mean`` (token mean of k3 over M_full),
+    ``sft_gate_rate``, ``sft_gated``, ``entropy``.
+    """
+    cfg = cfg or LossConfig()
+    if old_logp is None:
+        old_logp = logp.detach()
+    if not (logp.shape == m_full.shape == m_cot.shape):
+        raise ValueError(
+            f"logp {tuple(logp.shape)}, m_full {tuple(m_full.shape)}, m_cot {tuple(m_cot.shape)}"
+        )
+    mf, mc = m_full.bool(), m_cot.bool()
+    b = logp.shape[0]
+    gate = None
+    if acc is not None and fmt is not None:
+        gate = sft_gate(acc, fmt, r_proc, gate_proc=cfg.sft_gate_proc)
+    elif cfg.gamma != 0:
+        raise ValueError("gamma > 0 needs acc and fmt for the SFT gates")
+    if gate is None:
+        gate = torch.zeros(b, dtype=torch.bool, device=logp.device)
+    den = denominators or Denominators.from_batch(mc, mf, gate, cfg)
+
+    def pg(adv: torch.Tensor, mask: torch.Tensor, d: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return pg_loss(
+            logp,
+            old_logp,
+            adv,
+            mask,
+            eps_clip=cfg.eps_clip,
+            eps_clip_high=cfg.eps_clip_high,
+            normalizer=cfg.normalizer,
+            denom=d,
+        )
+
+    # Start from 0 * sum(logp) rather than a constant: the result is always attached to logp, so
+    # backward() works even when every weight is 0.
+    total = 0.0 * torch.where(mf, logp.float(), 0.0).sum()
+    diag: dict[str, torch.Tensor] = {}
+    if cfg.alpha != 0:
+        l_proc, d_proc = pg(adv_proc, mc, den.cot)
+        total = total + cfg.alpha * l_proc
+        diag["pg_proc"] = l_proc.detach()
+        diag.update({f"{k}_proc": v for k, v in d_proc.items()})
+    if cfg.beta != 0:
+        l_out, d_out = pg(adv_out, mf, den.full)
+        total = total + cfg.beta * l_out
+        diag["pg_out"] = l_out.detach()
+        diag.update({f"{k}_out": v for k, v in d_out.items()})
+    if cfg.kl_coef != 0:
+        if ref_logp is None:
+            raise ValueError("kl_coef > 0 needs ref_logp (or set kl_coef = 0 to drop the reference model)")
+        kl_tok = k3_kl(logp, ref_logp, mf)
+        kl = (kl_tok * _token_weights(mf, cfg.normalizer)).sum() / den.full
+        total = total + cfg.kl_coef * kl
+        diag["kl"] = kl.detach()
+        diag["kl_mean"] = masked_mean(kl_tok.detach(), mf)
+    if cfg.gamma != 0:
+        l_sft = sft_loss(logp, mf, gate, denom=den.sft)
+        total = total + cfg.gamma * l_sft
+        diag["sft"] = l_sft.detach()
+    with torch.no_grad():
+        diag["loss"] = total.detach()
+        ratio = torch.exp(_clamped_log_ratio(logp.detach(), old_logp, mf))
+        diag["ratio_mean"] = masked_mean(ratio, mf)
+        # min/max over the mask only; an empty mask reads 1 (no token moved), never +-inf.
+        if ratio.numel():
+            inf = torch.tensor(float("inf"), device=ratio.device)
+            any_tok = mf.any()
+            diag["ratio_min"] = torch.where(any_tok, torch.where(mf, ratio, inf).amin(), 1.0)
+            diag["ratio_max"] = torch.where(any_tok, torch.where(mf, ratio, -inf).amax(), 1.0)
+        else:
+            diag["ratio_min"] = diag["ratio_max"] = ratio.new_tensor(1.0)
+        diag["sft_gated"] = gate.sum().float()
+        diag["sft_gate_rate"] = gate.float().mean() if b else ratio.new_tensor(0.0)
+        if entropy is not None:
+            diag["entropy"] = masked_mean(entropy.detach(), mf)
+    return total, diag
