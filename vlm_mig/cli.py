@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 from vlm_mig.data.schema import DataError
+from vlm_mig.score import ScoreConfig as ScoreDefaults
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -39,6 +40,16 @@ def _data_arithmetic(args: argparse.Namespace) -> int:
         propagate=not args.no_propagate,
     )
     print(f"wrote {len(samples)} arithmetic problems (seed {args.seed}) to {args.out}")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from vlm_mig.score import ScoreConfig, score_file
+
+    cfg = ScoreConfig(probe=args.probe, max_steps=args.max_steps, min_step_chars=args.min_step_chars,
+                      batch_size=args.batch_size, visual_evidence=args.visual_evidence)
+    n = score_file(args.model, args.data, args.out, explain=args.explain, cfg=cfg, task=args.task)
+    print(f"scored {n} rows -> {args.out}")
     return 0
 
 
@@ -74,6 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--error-rate", type=float, default=0.0, help="fraction of problems with an injected step error")
     p.add_argument("--no-propagate", action="store_true", help="later steps return to the true value after an error")
     p.set_defaults(handler=_data_arithmetic)
+    p = sub.add_parser("score", help="which of my reasoning steps carried information? (l_k, gains, R_proc)")
+    p.add_argument("--model", required=True, help="model folder or hub id")
+    p.add_argument("--data", required=True, help="jsonl: question|messages, image|images, completion, answer")
+    p.add_argument("--out", required=True, help="output jsonl (input rows plus steps, l, watermark, gains, ...)")
+    p.add_argument("--explain", action="store_true", help="add the exact token ids of every naive sequence")
+    p.add_argument("--task", default="text", help="task type of the rows (only used for validation)")
+    p.add_argument("--probe", default=ScoreDefaults.probe)
+    p.add_argument("--max-steps", type=int, default=ScoreDefaults.max_steps)
+    p.add_argument("--min-step-chars", type=int, default=ScoreDefaults.min_step_chars)
+    p.add_argument("--batch-size", type=int, default=ScoreDefaults.batch_size)
+    p.add_argument("--visual-evidence", action="store_true", help="also score l_0 without the images")
+    p.set_defaults(handler=_score)
     return parser
 
 

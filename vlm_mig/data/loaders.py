@@ -566,12 +566,17 @@ def load_jsonl(
     base = Path(image_root) if image_root is not None else path.parent
     checker = _ImageChecker(verify_images)
     mapped = {getattr(fm, f.name) for f in dataclass_fields(fm)}
+    if fm.images == "images":
+        mapped.add("image")
 
     def convert(record: dict[str, Any], loc: str, line_no: int) -> Sample:
         question, messages = record.get(fm.question), record.get(fm.messages)
         if (question is None) == (messages is None):
             raise DataError(f"{loc}: exactly one of fields {fm.question!r} or {fm.messages!r} must be set")
-        image_paths = _str_list(record.get(fm.images), loc, fm.images)
+        images_field = fm.images
+        if record.get(fm.images) is None and fm.images == "images" and record.get("image") is not None:
+            images_field = "image"  # the singular R1-V spelling, accepted where the default name is used
+        image_paths = _str_list(record.get(images_field), loc, images_field)
         if messages is not None:
             messages, inline = _inline_image_paths(_check_messages(messages, loc, fm.messages))
             if inline and image_paths:

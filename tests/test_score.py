@@ -1,0 +1,64 @@
+"""``vlm-mig score`` end to end on the tiny model: outputs, --explain re-check, bad rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vlm_mig.cli import main
+from vlm_mig.models import load_model
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_score_cli_outputs_and_explain_sequences_recheck(tiny_vl_dir, make_image, tmp_path):
+    make_image("scene.png")
+    completion = ("<think>\n### Step 1: I see 2 red cubes.\n### Step 2: I see 1 blue sphere.\n"
+                  "### Step 3: In total 2 + 1 = 3 objects.\n</think>\n<answer>3</answer>")
+    rows = [
+        {"id": "r1", "question": "How many different items are there in the image?", "image": "scene.png",
+         "completion": completion, "answer": "3", "answer_variants": ["three"]},
+        {"question": "What is 2 + 2?", "completion": "<answer>4</answer>", "answer": "4", "extra": 7},
+    ]
+    data = _write(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    assert main(["score", "--model", str(tiny_vl_dir), "--data", str(data), "--out", str(out), "--explain"]) == 0
+    res = [json.loads(line) for line in out.read_text().splitlines()]
+    r1, r2 = res
+    assert r1["id"] == "r1" and r1["image"] == "scene.png" and r2["extra"] == 7  # input fields kept as given
+    assert len(r1["steps"]) == 3 and len(r1["l"]) == 4 and len(r1["gains"]) == 3
+    assert r1["watermark"][0] == r1["l"][0]
+    assert r1["watermark"] == [max(r1["l"][: k + 1]) for k in range(4)]
+    assert r1["process_reward"] == pytest.approx(sum(r1["gains"]), abs=1e-5)
+    assert r1["process_reward"] == pytest.approx(r1["watermark"][-1] - r1["watermark"][0], abs=1e-5)
+    assert r2["steps"] == [] and r2["gains"] == [] and r2["process_reward"] == 0.0  # no think span: K = 0
+    # Re-check l_k with a plain forward over the explained token ids (images go with the sequence).
+    from vlm_mig.data.schema import Sample
+    from vlm_mig.models import load_processor
+    from vlm_mig.processing import encode_prompts
+
+    model = load_model(tiny_vl_dir)
+    prompt = encode_prompts(load_processor(tiny_vl_dir), [Sample(id="x", question=rows[0]["question"],
+                                                                   images=[str(tmp_path / "scene.png")], answer="3")])
+    for k, seq in enumerate(r1["sequences"]):
+        ids = torch.tensor([seq["input_ids"]])
+        mm = (ids == model.config.image_token_id).int()
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm,
+                           pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw).logits[0]
+        a = seq["answer_start"]
+        lp = logits[a - 1 : -1].float().log_softmax(-1).gather(-1, ids[0, a:, None]).squeeze(-1).mean()
+        assert abs(lp.item() - r1["l"][k]) < 1e-4
+
+
+def test_score_bad_row_names_the_line(tiny_text_dir, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"question": "q", "completion": "c", "answer": "1"}) + "\n"
+                    + json.dumps({"question": "q", "answer": "1", "completion": 5}) + "\n")
+    assert main(["score", "--model", str(tiny_text_dir), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
