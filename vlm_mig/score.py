@@ -21,7 +21,7 @@ from vlm_mig.data.loaders import FieldMap, load_jsonl
 from vlm_mig.data.schema import DataError, Sample, where
 from vlm_mig.mig import ScoreRow, prompt_rows, score_rows, step_gains, watermark
 from vlm_mig.processing import PromptTemplate, encode_prompts, is_processor, tokenizer_of
-from vlm_mig.prompts import DEFAULT_PROBE
+from vlm_mig.prompts import DEFAULT_PROBE, format_solution
 from vlm_mig.steps import StepConfig, segment
 
 
@@ -39,13 +39,19 @@ class ScoreConfig:
 
 def read_score_rows(path: str | Path, task: str = "text") -> list[Sample]:
     """Input rows: ``question``/``messages``, ``image``/``images``, ``completion``, ``answer``,
-    optional ``answer_variants``/``id``. Errors name the file and line."""
+    optional ``answer_variants``/``id``. Without ``completion``, a row's ``gold_steps`` are scored as the
+    completion (``format_solution``), e.g. the ``data.jsonl`` of ``vlm-mig data clevr``. Errors name the
+    file and line."""
     samples = load_jsonl(path, task=task, fields=FieldMap())
     for s in samples:
         loc = s.meta.get("source", where(path))
         completion = s.meta.get("completion")
+        if completion is None and s.gold_steps:
+            # No completion given: score the gold solution itself, in the SPEC format.
+            s.meta["completion"] = completion = format_solution(s.gold_steps, s.answer)
         if not isinstance(completion, str):
-            raise DataError(f"{loc}: field 'completion' must be a string (got {type(completion).__name__})")
+            raise DataError(f"{loc}: field 'completion' must be a string (got {type(completion).__name__}); "
+                            "give a completion, or gold_steps to score the gold solution")
     return samples
 
 
