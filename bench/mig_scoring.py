@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import step_completion, timeit  # noqa: E402
+from _common import step_completion, timeit
 
-from vlm_mig.data.schema import Sample  # noqa: E402
-from vlm_mig.mig import ScoreRow, prompt_rows, score_rows  # noqa: E402
-from vlm_mig.models import build_tiny, load_model, load_processor, smollm2_dir  # noqa: E402
-from vlm_mig.processing import encode_prompts, tokenizer_of  # noqa: E402
-from vlm_mig.prompts import DEFAULT_PROBE  # noqa: E402
+from vlm_mig.data.schema import Sample
+from vlm_mig.mig import ScoreRow, prompt_rows, score_rows
+from vlm_mig.models import build_tiny, load_model, load_processor, smollm2_dir
+from vlm_mig.processing import encode_prompts, tokenizer_of
+from vlm_mig.prompts import DEFAULT_PROBE
 
 
 def _batch_inputs(batch, tails: list[torch.Tensor], pad_id: int) -> dict:

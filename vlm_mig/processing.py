@@ -27,7 +27,7 @@ class PromptTemplate:
     question_suffix: str = ""  #: appended to a plain ``question`` (e.g. ``prompts.QUESTION_SUFFIX``, R1-V style)
 
     @classmethod
-    def r1v(cls) -> "PromptTemplate":
+    def r1v(cls) -> PromptTemplate:
         """The R1-V/VLM-R1 convention: instruction after the question, default system prompt."""
         return cls(system_prompt=None, question_suffix=QUESTION_SUFFIX)
 
@@ -121,7 +121,7 @@ class PromptBatch:
                 out[name] = value
         return out
 
-    def to(self, device: torch.device | str) -> "PromptBatch":
+    def to(self, device: torch.device | str) -> PromptBatch:
         for name in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
             value = getattr(self, name)
             if value is not None:
