@@ -41,8 +41,22 @@ class Rollouts:
     completion_ids: torch.Tensor  #: [N, T] right padded
     completion_mask: torch.Tensor  #: [N, T] 1 for every token through the first EOS
     texts: list[str]  #: decoded completions (special tokens dropped)
+    position_ids: torch.Tensor | None = None  #: [3, N, P+T] M-RoPE ids (VLMs) or [N, P+T], 0 on padding
     old_logprobs: torch.Tensor | None = None  #: [N, T] log pi_old of completion tokens, 0 on padding
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """[N, P+T] over prompt and completion (left padding, then right padding after EOS)."""
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    @property
+    def mm_token_type_ids(self) -> torch.Tensor | None:
+        """[N, P+T] modality of each token (completions are text); None for text-only models."""
+        if self.prompts.mm_token_type_ids is None:
+            return None
+        prompt = self.prompts.mm_token_type_ids[self.group]
+        return torch.cat([prompt, torch.zeros_like(self.completion_ids, dtype=prompt.dtype)], dim=1)
 
     @property
     def num_generations(self) -> int:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from vlm_mig.data.schema import Sample
-from vlm_mig.processing import PromptTemplate, encode_prompts, tokenizer_of
+from vlm_mig.processing import PromptTemplate, encode_prompts, rope_position_ids, tokenizer_of
 from vlm_mig.rollout.base import RolloutConfig, RolloutEngine, Rollouts, repeat_prompts
 
 
@@ -73,6 +73,13 @@ class HFRolloutEngine(RolloutEngine):
             completion_ids=completion,
             completion_mask=mask,
             texts=texts,
+        )
+        grid = None
+        if batch.image_grid_thw is not None:
+            grid = repeated.image_grid_thw.cpu()
+        mm = rollouts.mm_token_type_ids
+        rollouts.position_ids = rope_position_ids(
+            self.model, torch.cat([rollouts.prompt_ids, completion], 1), rollouts.attention_mask, mm, grid
         )
         if cfg.compute_logprobs:
             from vlm_mig.mig import teacher_forced_logprobs
