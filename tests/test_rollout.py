@@ -74,3 +74,26 @@ def test_hf_engine_text_model_greedy_is_deterministic(tiny_text_dir):
     r = engine.generate([Sample(id="t", question="What is 2 + 3?", answer="5")])
     assert torch.equal(r.completion_ids[0], r.completion_ids[1])
     assert r.prompts.pixel_values is None
+
+
+def test_seeded_sampling_is_per_rollout_and_matches_the_distribution(tiny_vl_dir, make_image):
+    from vlm_mig.rollout.sampling import SeededSampling, top_p_filter
+
+    engine = _engine(tiny_vl_dir, num_generations=2, max_new_tokens=10)
+    a = Sample(id="a", question="How many items?", images=[str(make_image("a.png"))], answer="3")
+    b = Sample(id="b", question="Count the objects, please.", images=[str(make_image("b.png", color=(9, 9, 9)))],
+               answer="2")
+    both = engine.generate([a, b], seeds=[11, 22])
+    alone = engine.generate([b], seeds=[22])
+    n = int(alone.completion_mask[0].sum())
+    # b's rollouts are identical whether sampled alone or after a, and its two copies differ.
+    assert torch.equal(both.completion_ids[2, :n], alone.completion_ids[0, :n])
+    assert not torch.equal(both.completion_ids[2], both.completion_ids[3])
+    # Gumbel-max on tempered, top-p-filtered logits samples softmax(logits / T) restricted to the nucleus.
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    counts = torch.zeros(4)
+    for s in range(4000):
+        counts[SeededSampling([s], temperature=0.7)(torch.zeros(1, 3, dtype=torch.long), logits).argmax()] += 1
+    assert torch.allclose(counts / 4000, (logits[0] / 0.7).softmax(-1), atol=0.03)
+    kept = top_p_filter(logits, 0.8)
+    assert torch.isinf(kept[0, 2:]).all() and torch.isfinite(kept[0, :2]).all()

@@ -76,8 +76,9 @@ class RolloutEngine(ABC):
     config: RolloutConfig
 
     @abstractmethod
-    def generate(self, samples: list[Sample]) -> Rollouts:
-        """Return ``len(samples) * G`` completions as one ``Rollouts`` batch."""
+    def generate(self, samples: list[Sample], seeds: list[int] | None = None) -> Rollouts:
+        """Return ``len(samples) * G`` completions as one ``Rollouts`` batch; ``seeds`` (one per sample)
+        make each completion reproducible on its own, whatever else the batch holds."""
 
 
 def repeat_prompts(batch: PromptBatch, times: int) -> PromptBatch:

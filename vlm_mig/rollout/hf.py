@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers import LogitsProcessorList
 
 from vlm_mig.data.schema import Sample
 from vlm_mig.processing import PromptTemplate, encode_prompts, rope_position_ids, tokenizer_of
 from vlm_mig.rollout.base import RolloutConfig, RolloutEngine, Rollouts, repeat_prompts
+from vlm_mig.rollout.sampling import SeededSampling, rollout_seed
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
@@ -36,22 +38,32 @@ class HFRolloutEngine(RolloutEngine):
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
 
     @torch.no_grad()
-    def generate(self, samples: list[Sample]) -> Rollouts:
+    def generate(self, samples: list[Sample], seeds: list[int] | None = None) -> Rollouts:
+        """Sample G completions per sample. With ``seeds`` (one per sample), completion ``j`` of sample ``i``
+        is drawn from its own stream ``(seeds[i], j)``: independent of batch composition and world size."""
         cfg = self.config
         device = next(self.model.parameters()).device
         batch = encode_prompts(self.processor, samples, self.template, cfg.max_prompt_length, cfg.min_pixels,
                                cfg.max_pixels)
         repeated = repeat_prompts(batch, cfg.num_generations).to(device)
         sampling = cfg.temperature > 0
+        if sampling and seeds is not None:
+            if len(seeds) != len(samples):
+                raise ValueError(f"{len(seeds)} seeds for {len(samples)} samples")
+            row_seeds = [rollout_seed(s, j) for s in seeds for j in range(cfg.num_generations)]
+            decode = {"do_sample": False, "logits_processor": LogitsProcessorList(
+                [SeededSampling(row_seeds, cfg.temperature, cfg.top_p)])}
+        elif sampling:
+            # SPEC sampling: temperature and top_p only (top_k=0 turns off the generation config's top-k).
+            decode = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
+        else:
+            decode = {"do_sample": False}
         was_training = self.model.training
         self.model.eval()
         try:
             out = self.model.generate(
                 **repeated.model_inputs(),
-                do_sample=sampling,
-                temperature=cfg.temperature if sampling else None,
-                top_p=cfg.top_p if sampling else None,
-                top_k=0 if sampling else None,  # SPEC sampling: temperature and top_p only
+                **decode,
                 max_new_tokens=cfg.max_new_tokens,
                 eos_token_id=self.eos_ids,
                 pad_token_id=self.pad_id,

@@ -1,0 +1,288 @@
+"""Typed configuration: one dataclass per section, SPEC defaults, YAML files plus ``section.key=value`` overrides.
+
+    cfg = load_config("configs/tiny_clevr_mig.yaml", ["trainer.max_steps=20", "loss.alpha=0"])
+
+Unknown keys and values of the wrong type are errors that name the key (``trainer.max_step: unknown key;
+did you mean max_steps?``). Sections that belong to one stage reuse that stage's own dataclass
+(``rollout``, ``advantage``, ``loss``), so a default lives in exactly one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlm_mig.advantages import AdvantageConfig
+from vlm_mig.losses import LossConfig
+from vlm_mig.rollout.base import RolloutConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train and how to load it."""
+
+    name_or_path: str = "tiny"  #: folder or hub id; "tiny" builds (and caches) the embedded tiny Qwen2-VL
+    tiny_arch: str = "qwen2-vl"  #: architecture of the "tiny" model: qwen2-vl | qwen2.5-vl | qwen2
+    dtype: str = "float32"  #: parameter dtype: float32 | bfloat16 (use bf16 on GPU)
+    attn_implementation: str | None = None  #: None lets transformers pick (sdpa); eager | sdpa | flash_attention_2
+    gradient_checkpointing: bool = False  #: trade compute for memory on long sequences
+    freeze_vision: bool = False  #: freeze the whole vision tower (features can then be reused across passes)
+    freeze_patch_embed: bool = True  #: freeze the patch embedding (a random one collapses under AdamW)
+    lora_r: int = 0  #: LoRA rank through peft; 0 trains all (unfrozen) weights
+    lora_alpha: int = 16  #: LoRA scaling numerator
+    lora_dropout: float = 0.0  #: LoRA dropout
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    trust_remote_code: bool = False  #: opt in to custom modelling code from the checkpoint
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from (train and validation)."""
+
+    train: str = "synthetic:clevr"  #: a path, a shipped benchmark name, or synthetic:clevr | synthetic:arithmetic
+    format: str = "auto"  #: auto | jsonl | r1v | superclevr | hf (how to read ``train``/``validation`` paths)
+    task: str = "count"  #: task type of the rows (grader): count | math | numeric | mc | text
+    validation: str | None = "synthetic:clevr"  #: held-out set for in-loop validation; None disables it
+    image_root: str | None = None  #: base folder for relative image paths
+    synthetic_n: int = 2000  #: number of synthetic training prompts
+    synthetic_condition: str = "A"  #: CLEVR-CoGenT condition of synthetic training scenes
+    synthetic_seed: int = 1  #: seed of the synthetic training set (validation uses seed + 1000)
+    validation_n: int = 64  #: size of a synthetic validation set
+    max_objects: int = 6  #: synthetic CLEVR scenes hold 1..max_objects objects
+    arithmetic_steps: list[int] = field(default_factory=lambda: [2, 4])  #: synthetic arithmetic chain lengths
+    system_prompt: str | None = "default"  #: "default" = the project's system prompt; None = chat template's
+    question_suffix: str = ""  #: appended to every question (train and eval alike)
+    skip_bad: bool = False  #: skip (and report) malformed rows instead of failing on the first one
+    limit: int | None = None  #: use only the first N training rows
+
+
+@dataclass
+class MigConfig:
+    """The process reward (SPEC sections 1-2)."""
+
+    probe: str = "</think>\n<answer>"  #: closes the reasoning and opens the answer when scoring l_k
+    min_step_chars: int = 8  #: steps shorter than this merge into a neighbour
+    max_steps: int = 16  #: cap on K; the tail merges into the last step
+    visual_evidence: bool = False  #: also log l_0 without the image (costs one extra pass per prompt)
+    max_tokens_per_batch: int = 16384  #: bound on padded tokens of one packed scoring pass
+
+
+@dataclass
+class RewardConfig:
+    """The outcome reward R_out = sum of weighted terms (SPEC section 3)."""
+
+    accuracy_weight: float = 1.0  #: w_acc
+    format_weight: float = 1.0  #: w_fmt
+    plugins: list[str] = field(default_factory=list)  #: extra TRL-style rewards "module:function=weight"
+    fallback_extraction: bool = False  #: grade untagged answers too (off: untagged answers earn nothing)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 1e-6  #: peak learning rate (SPEC paper-style default)
+    weight_decay: float = 0.0  #: AdamW weight decay
+    adam_beta1: float = 0.9  #: AdamW beta1
+    adam_beta2: float = 0.999  #: AdamW beta2
+    warmup_steps: int = 0  #: linear warm-up steps
+    schedule: str = "constant_with_warmup"  #: any transformers scheduler name (constant_with_warmup, cosine, ...)
+    max_grad_norm: float = 1.0  #: gradient clipping (0 disables)
+
+
+@dataclass
+class TrainerConfig:
+    """The loop: sizes, cadence, outputs."""
+
+    output_dir: str = "runs/default"  #: checkpoints, metrics.jsonl, TensorBoard logs, samples
+    seed: int = 0  #: seeds data order, rollouts (per prompt) and initialisation
+    max_steps: int = 100  #: optimisation steps (one rollout batch each)
+    prompts_per_step: int = 2  #: prompts per step on each process (x G rollouts)
+    micro_batch_size: int = 8  #: rollouts per forward/backward in the update (gradient accumulation)
+    num_iterations: int = 1  #: optimisation passes over each rollout batch (SPEC default 1)
+    sft_batch_size: int = 16  #: examples per step for ``vlm-mig sft``
+    save_steps: int = 50  #: checkpoint every N steps (and at the end)
+    save_total_limit: int | None = 3  #: keep only the newest N checkpoints
+    eval_steps: int = 25  #: in-loop validation every N steps (0 disables)
+    log_steps: int = 1  #: metrics every N steps
+    sample_log_steps: int = 10  #: write sample completions with step gains every N steps
+    bf16: bool = False  #: bf16 autocast (GPU)
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  #: tensorboard and/or wandb
+    progress: bool = True  #: show a progress bar
+    threads: int | None = None  #: torch CPU threads (None: torch default)
+
+
+@dataclass
+class EvalConfig:
+    """In-loop validation and ``vlm-mig eval`` defaults."""
+
+    max_new_tokens: int = 128  #: completion budget at validation
+    limit: int | None = None  #: validate on the first N items
+    batch_size: int = 32  #: prompts per generate call
+
+
+@dataclass
+class Config:
+    """Everything a run needs; ``load_config`` builds it from YAML and overrides."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    mig: MigConfig = field(default_factory=MigConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building from plain data, with errors that name the key
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    """``value`` converted to the annotated type ``tp``, or a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item is str:
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_value(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    """An instance of dataclass ``cls`` from a mapping; unknown keys are errors naming the key."""
+    where = prefix or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"{full}: unknown key{hint}")
+        kwargs[key] = _check_value(value, hints[key], full)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:  # a stage's own __post_init__ validation
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["trainer.max_steps=20", "loss.alpha=0"]`` -> nested dict (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        if "." not in key:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: cannot parse {raw!r}: {e}") from e
+        _set_dotted(out, key, value)
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """A ``Config`` from an optional YAML file plus dotted overrides (overrides win)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    data = _merge(data, parse_overrides(overrides or []))
+    try:
+        return _build(Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from e
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the full resolved config (every default spelled out) as YAML."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
