@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from vlm_mig.config import ConfigError
 from vlm_mig.data.schema import DataError
 from vlm_mig.score import ScoreConfig as ScoreDefaults
 
@@ -53,6 +54,28 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace, mode: str) -> int:
+    from vlm_mig.config import load_config
+    from vlm_mig.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg, mode=mode, resume=args.resume_from or args.resume)
+    metrics = trainer.train()
+    if trainer.is_main:
+        shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("reward/", "val/", "loss"))}
+        print(f"{mode} finished at step {trainer.step}: {shown}; outputs in {cfg.trainer.output_dir}")
+    return 0
+
+
+def _add_train_parser(sub, name: str, mode: str, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--config", help="YAML recipe (see configs/)")
+    p.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in trainer.output_dir")
+    p.add_argument("--resume-from", metavar="DIR", help="resume from this checkpoint folder")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. trainer.max_steps=20")
+    p.set_defaults(handler=lambda a: _train(a, mode))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-mig", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -85,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--error-rate", type=float, default=0.0, help="fraction of problems with an injected step error")
     p.add_argument("--no-propagate", action="store_true", help="later steps return to the true value after an error")
     p.set_defaults(handler=_data_arithmetic)
+    _add_train_parser(sub, "sft", "sft", "supervised warm start on gold step-by-step solutions")
+    _add_train_parser(sub, "train", "rl", "RL with MIG process reward + outcome reward (GRPO: loss.alpha=0 loss.gamma=0)")
+
     p = sub.add_parser("score", help="which of my reasoning steps carried information? (l_k, gains, R_proc)")
     p.add_argument("--model", required=True, help="model folder or hub id")
     p.add_argument("--data", required=True, help="jsonl: question|messages, image|images, completion, answer")
@@ -105,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
-    except DataError as e:
+    except (DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

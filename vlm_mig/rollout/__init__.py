@@ -4,7 +4,7 @@ The engine interface is ``RolloutEngine.generate(samples) -> Rollouts``; ``HFRol
 ``generate``, CPU/GPU) is the built-in backend.
 """
 
-from vlm_mig.rollout.base import RolloutConfig, RolloutEngine, Rollouts, repeat_prompts
+from vlm_mig.rollout.base import RolloutConfig, RolloutEngine, Rollouts, repeat_prompts, select_prompts
 from vlm_mig.rollout.hf import HFRolloutEngine
 
-__all__ = ["HFRolloutEngine", "RolloutConfig", "RolloutEngine", "Rollouts", "repeat_prompts"]
+__all__ = ["HFRolloutEngine", "RolloutConfig", "RolloutEngine", "Rollouts", "repeat_prompts", "select_prompts"]

@@ -85,28 +85,33 @@ def repeat_prompts(batch: PromptBatch, times: int) -> PromptBatch:
     """Each prompt row repeated ``times`` times in place (a, a, b, b, ...), images included."""
     if times == 1:
         return batch
-    rows = torch.arange(batch.input_ids.shape[0]).repeat_interleave(times)
+    return select_prompts(batch, [i for i in range(batch.input_ids.shape[0]) for _ in range(times)])
+
+
+def select_prompts(batch: PromptBatch, rows: list[int]) -> PromptBatch:
+    """The prompt rows ``rows`` (any order, repeats allowed), each with its own images."""
+    idx = torch.tensor(rows, dtype=torch.long)
     pixel_values = grid = None
     if batch.pixel_values is not None:
         patches = batch.image_grid_thw.prod(-1)
         starts = torch.cat([patches.new_zeros(1), patches.cumsum(0)[:-1]])
-        image_rows, patch_rows, first = [], [], 0
+        first_image = [0]
         for n_img in batch.images_per_sample:
-            imgs = list(range(first, first + n_img))
-            first += n_img
-            for _ in range(times):
-                for j in imgs:
-                    image_rows.append(j)
-                    patch_rows.append(torch.arange(int(starts[j]), int(starts[j] + patches[j])))
+            first_image.append(first_image[-1] + n_img)
+        image_rows, patch_rows = [], []
+        for r in rows:
+            for j in range(first_image[r], first_image[r + 1]):
+                image_rows.append(j)
+                patch_rows.append(torch.arange(int(starts[j]), int(starts[j] + patches[j])))
         grid = batch.image_grid_thw[image_rows]
         pixel_values = batch.pixel_values[torch.cat(patch_rows)] if patch_rows else batch.pixel_values[:0]
     return PromptBatch(
-        input_ids=batch.input_ids[rows],
-        attention_mask=batch.attention_mask[rows],
-        sample_ids=[batch.sample_ids[int(r)] for r in rows],
-        texts=[batch.texts[int(r)] for r in rows],
-        mm_token_type_ids=None if batch.mm_token_type_ids is None else batch.mm_token_type_ids[rows],
+        input_ids=batch.input_ids[idx],
+        attention_mask=batch.attention_mask[idx],
+        sample_ids=[batch.sample_ids[r] for r in rows],
+        texts=[batch.texts[r] for r in rows],
+        mm_token_type_ids=None if batch.mm_token_type_ids is None else batch.mm_token_type_ids[idx],
         pixel_values=pixel_values,
         image_grid_thw=grid,
-        images_per_sample=[batch.images_per_sample[int(r)] for r in rows] if batch.images_per_sample else [],
+        images_per_sample=[batch.images_per_sample[r] for r in rows] if batch.images_per_sample else [],
     )

@@ -1,0 +1,137 @@
+"""The trainer end to end on the tiny model: sft, train (GRPO and MIG), exact resume (clean stop and SIGKILL),
+two processes on CPU equal one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlm_mig.checkpoint import latest_checkpoint
+from vlm_mig.config import load_config
+from vlm_mig.models import load_model
+from vlm_mig.trainer import Trainer
+
+SPEC_METRICS = {
+    "reward/total", "reward/accuracy", "reward/format", "mig/process_reward", "mig/K", "adv/zero_std_out",
+    "loss/clip_frac_out", "loss/kl", "loss/sft_gate_rate", "length/completion", "optim/grad_norm",
+    "time/tokens_per_s", "time/generate", "time/score", "time/update",
+}
+
+
+def _rl_overrides(tiny_vl_dir, out, steps, **extra):
+    o = {
+        "model.name_or_path": str(tiny_vl_dir), "trainer.output_dir": str(out), "trainer.max_steps": steps,
+        "trainer.eval_steps": 0, "trainer.progress": False, "trainer.threads": 1, "trainer.report_to": "[]",
+        "data.synthetic_n": 16, "data.validation": "null", "rollout.num_generations": 4,
+        "rollout.max_new_tokens": 24, "trainer.prompts_per_step": 2, "trainer.micro_batch_size": 3,
+        "optim.lr": 1e-3, "trainer.sample_log_steps": 1,
+    }
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def _assert_same(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol, rtol=0), (k, (a[k] - b[k]).abs().max())
+
+
+def test_sft_learns_and_writes_a_loadable_hf_checkpoint(tiny_vl_dir, tmp_path):
+    cfg = load_config(None, _rl_overrides(tiny_vl_dir, tmp_path / "sft", 8, **{
+        "trainer.sft_batch_size": 8, "trainer.save_steps": 4, "trainer.save_total_limit": 1}))
+    trainer = Trainer(cfg, mode="sft")
+    trainer.train()
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 8 and losses[-1] < losses[0] * 0.8
+    ckpts = sorted(p.name for p in (tmp_path / "sft").glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-8"]  # save_total_limit 1 removed checkpoint-4
+    model = load_model(tmp_path / "sft" / "checkpoint-8")
+    assert not list((tmp_path / "sft" / "checkpoint-8").glob("*.bin"))
+    _assert_same({k: v for k, v in model.state_dict().items() if "lm_head" not in k},
+                 {k: v for k, v in trainer.model.state_dict().items() if "lm_head" not in k})
+
+
+@pytest.mark.parametrize("variant", ["mig", "grpo"])
+def test_train_step_logs_every_spec_metric(tiny_vl_dir, tmp_path, variant):
+    extra = {"loss.alpha": 0, "loss.gamma": 0} if variant == "grpo" else {"advantage.process_credit": "step"}
+    cfg = load_config(None, _rl_overrides(tiny_vl_dir, tmp_path / variant, 2, **extra))
+    Trainer(cfg, mode="rl").train()
+    rows = [json.loads(x) for x in (tmp_path / variant / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert SPEC_METRICS <= rows[-1].keys()
+    assert (variant == "grpo") == ("loss/pg_proc" not in rows[-1])
+    samples = [json.loads(x) for x in (tmp_path / variant / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"completion", "steps", "reward", "process_reward"} <= samples[0].keys()
+    assert (tmp_path / variant / "tensorboard").exists() is False  # report_to [] writes none
+    ids = [json.loads(x)["ids"] for x in (tmp_path / variant / "prompts_rank0.jsonl").read_text().splitlines()]
+    assert len(ids) == 2 and len(ids[0]) == 2
+
+
+def test_resume_after_clean_stop_is_exact(tiny_vl_dir, tmp_path):
+    straight = tmp_path / "straight"
+    Trainer(load_config(None, _rl_overrides(tiny_vl_dir, straight, 4, **{"trainer.save_steps": 2})), "rl").train()
+    split = tmp_path / "split"
+    Trainer(load_config(None, _rl_overrides(tiny_vl_dir, split, 2, **{"trainer.save_steps": 2})), "rl").train()
+    resumed = Trainer(load_config(None, _rl_overrides(tiny_vl_dir, split, 4, **{"trainer.save_steps": 2})), "rl",
+                      resume=True)
+    assert resumed.step == 2
+    resumed.train()
+    _assert_same(_weights(straight / "checkpoint-4"), _weights(split / "checkpoint-4"))
+    steps = [json.loads(x)["step"] for x in (split / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "vlm_mig.cli", *args]
+
+
+def test_resume_after_sigkill_is_exact(tiny_vl_dir, tmp_path):
+    steps = 8
+    straight = tmp_path / "straight"
+    over = _rl_overrides(tiny_vl_dir, straight, steps, **{"trainer.save_steps": 2})
+    subprocess.run(_cli("train", *over), check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    over = _rl_overrides(tiny_vl_dir, killed, steps, **{"trainer.save_steps": 2})
+    proc = subprocess.Popen(_cli("train", *over), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while latest_checkpoint(killed) is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    last = latest_checkpoint(killed)
+    assert last is not None and last.name != f"checkpoint-{steps}", "the run must die mid-way"
+    subprocess.run(_cli("train", "--resume", *over), check=True, capture_output=True)
+    _assert_same(_weights(straight / f"checkpoint-{steps}"), _weights(killed / f"checkpoint-{steps}"))
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_vl_dir, tmp_path):
+    one = tmp_path / "one"
+    over = _rl_overrides(tiny_vl_dir, one, 2, **{"trainer.prompts_per_step": 2, "loss.kl_coef": 0})
+    subprocess.run(_cli("train", *over), check=True, capture_output=True)
+    two = tmp_path / "two"
+    over = _rl_overrides(tiny_vl_dir, two, 2, **{"trainer.prompts_per_step": 1, "loss.kl_coef": 0})
+    # On a CPU-only machine `--multi_gpu` starts torchrun workers that the trainer joins over gloo.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vlm_mig.cli", "train", *over]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rank0 = [json.loads(x)["ids"] for x in (two / "prompts_rank0.jsonl").read_text().splitlines()]
+    rank1 = [json.loads(x)["ids"] for x in (two / "prompts_rank1.jsonl").read_text().splitlines()]
+    single = [json.loads(x)["ids"] for x in (one / "prompts_rank0.jsonl").read_text().splitlines()]
+    assert all(a != b for a, b in zip(rank0, rank1)), "ranks must see different prompts"
+    assert [a + b for a, b in zip(rank0, rank1)] == single
+    _assert_same(_weights(one / "checkpoint-2"), _weights(two / "checkpoint-2"), atol=1e-5)

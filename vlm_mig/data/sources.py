@@ -1,0 +1,72 @@
+"""Resolve a data spec from a config (a path, a shipped benchmark, or ``synthetic:...``) into Samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlm_mig.data.benchmarks import list_benchmarks, load_benchmark
+from vlm_mig.data.loaders import load_hf_dataset, load_jsonl, load_r1v_jsonl, load_superclevr
+from vlm_mig.data.schema import DataError, Sample
+
+SYNTHETIC = ("synthetic:clevr", "synthetic:arithmetic")
+
+
+def load_source(spec: str, *, task: str, cache_dir: str | Path, fmt: str = "auto", image_root: str | None = None,
+                n: int = 2000, seed: int = 0, condition: str = "A", max_objects: int = 6,
+                arithmetic_steps: tuple[int, int] = (2, 4), skip_bad: bool = False,
+                limit: int | None = None) -> list[Sample]:
+    """Samples for ``spec``; synthetic sets are generated once into ``cache_dir`` and reused (same seed,
+    same files)."""
+    if spec.startswith("synthetic:"):
+        return _synthetic(spec, Path(cache_dir), n, seed, condition, max_objects, arithmetic_steps)[:limit]
+    if spec.lower() in list_benchmarks() and not Path(spec).exists():
+        return list(load_benchmark(spec, limit=limit))
+    path = Path(spec)
+    if not path.exists():
+        raise DataError(f"data source {spec!r}: no such file or folder, shipped benchmark ({', '.join(list_benchmarks())}) "
+                        f"or synthetic set ({', '.join(SYNTHETIC)})")
+    if fmt == "auto":
+        fmt = "superclevr" if path.is_dir() and (path / "scenes").exists() else "hf" if path.is_dir() else "jsonl"
+        if fmt == "jsonl" and _looks_r1v(path):
+            fmt = "r1v"
+    kw = {"skip_bad": skip_bad, "limit": limit}
+    if fmt == "jsonl":
+        return list(load_jsonl(path, task, image_root=image_root, **kw))
+    if fmt == "r1v":
+        return list(load_r1v_jsonl(path, task=task, image_root=image_root, **kw))
+    if fmt == "superclevr":
+        return list(load_superclevr(path, **kw))
+    if fmt == "hf":
+        return list(load_hf_dataset(path, task=task, image_root=image_root, **kw))
+    raise DataError(f"data.format: unknown format {fmt!r}; expected auto | jsonl | r1v | superclevr | hf")
+
+
+def _looks_r1v(path: Path) -> bool:
+    """R1-V rows use ``problem``/``solution`` (or ``ground_truth``) instead of ``question``/``answer``."""
+    import json
+
+    with open(path, encoding="utf-8-sig") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    return False  # the jsonl loader reports the bad line
+                return isinstance(row, dict) and ("problem" in row or "ground_truth" in row or "solution" in row)
+    return False
+
+
+def _synthetic(spec: str, cache: Path, n: int, seed: int, condition: str, max_objects: int,
+               steps: tuple[int, int]) -> list[Sample]:
+    from vlm_mig.data.synthetic import make_arithmetic, write_clevr
+
+    if spec == "synthetic:arithmetic":
+        return make_arithmetic(n, seed=seed, num_steps=tuple(steps))
+    if spec != "synthetic:clevr":
+        raise DataError(f"unknown synthetic set {spec!r}; expected one of {SYNTHETIC}")
+    folder = cache / f"clevr-{condition}-n{n}-seed{seed}-max{max_objects}"
+    if not (folder / "data.jsonl").is_file():
+        tmp = folder.with_name(folder.name + ".tmp")
+        write_clevr(tmp, n=n, condition=condition, seed=seed, num_objects=(1, max_objects))
+        tmp.replace(folder)
+    return list(load_jsonl(folder / "data.jsonl", "count"))
