@@ -323,6 +323,21 @@ def load_processor(path: str | os.PathLike, min_pixels: int | None = None, max_p
     return proc
 
 
+def resolve_attn_implementation(requested: str | None) -> str | None:
+    """``flash_attention_2`` when it can run here, else ``sdpa`` with the reason logged; others as given."""
+    if requested != "flash_attention_2":
+        return requested
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        logger.warning("attn_implementation=flash_attention_2 but flash-attn is not installed; using sdpa")
+        return "sdpa"
+    if not torch.cuda.is_available():
+        logger.warning("attn_implementation=flash_attention_2 needs a CUDA GPU; using sdpa")
+        return "sdpa"
+    return requested
+
+
 def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, attn_implementation: str | None = None,
                trust_remote_code: bool = False, device: str | torch.device | None = None):
     """Load a policy or reference model from a folder or hub id, as safetensors only."""
@@ -333,6 +348,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32
                  "float16": torch.float16, "fp16": torch.float16}[dtype]
     auto = AutoModelForImageTextToText if is_vision_model(path) else AutoModelForCausalLM
     kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
+    attn_implementation = resolve_attn_implementation(attn_implementation)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = auto.from_pretrained(path, **kwargs)

@@ -282,7 +282,8 @@ class Trainer:
 
         t0 = time.perf_counter()
         self.engine.config.compute_logprobs = False
-        r = self.engine.generate(prompts, seeds=seeds)
+        with self.acc.autocast():
+            r = self.engine.generate(prompts, seeds=seeds)
         times["generate"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -314,7 +315,7 @@ class Trainer:
             cuts = [sp.prefix_ends if (need_mig and sp.think) else [] for sp in spans]
             variants = [[torch.tensor(self.tok.encode(v, add_special_tokens=False)) for v in s.variants]
                         if need_mig else [] for s in rows_samples]
-            with torch.no_grad():
+            with torch.no_grad(), self.acc.autocast():
                 scores = score_rows(self.model, rollout_rows(self.model, r, cuts, variants), self.probe,
                                     cfg.mig.max_tokens_per_batch)
             if need_mig:
@@ -331,7 +332,7 @@ class Trainer:
                 old_logp = pad_rows([s.completion_logprobs.cpu() for s in scores], T)
         ref_logp = None
         if self.ref_model is not None:
-            with torch.no_grad():
+            with torch.no_grad(), self.acc.autocast():
                 ref = score_rows(self.ref_model, rollout_rows(self.ref_model, r), EMPTY, cfg.mig.max_tokens_per_batch)
             ref_logp = pad_rows([s.completion_logprobs.cpu() for s in ref], T)
         times["score"] = time.perf_counter() - t0
