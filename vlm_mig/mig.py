@@ -90,6 +90,7 @@ class PackedLayout:
     visible: torch.Tensor  #: [L] last base index a token may attend to (base tokens: itself)
     copy_id: torch.Tensor  #: [L] -1 for base tokens, else the copy's index
     completion_src: torch.Tensor  #: [T] positions whose next-token logits predict each completion token
+    completion_tgt: torch.Tensor  #: [T] the completion token ids
     answer_src: torch.Tensor  #: [n answer tokens over all copies] positions predicting each answer token
     answer_tgt: torch.Tensor  #: the answer token ids
     answer_copy: torch.Tensor  #: copy index of each answer token
@@ -98,16 +99,20 @@ class PackedLayout:
 
 
 def layout_row(row: ScoreRow, probe_ids: torch.Tensor) -> PackedLayout:
-    """Lay out ``[x][z][copies]`` with explicit positions and per-token visibility (pure, no model)."""
-    P, T = row.prompt_ids.numel(), row.completion_ids.numel()
+    """Lay out ``[x][z][copies]`` with explicit positions and per-token visibility (pure, no model).
+
+    Index bookkeeping runs on the CPU whatever device the inputs live on; the forward moves the result."""
+    prompt_ids, completion_ids = row.prompt_ids.cpu(), row.completion_ids.cpu()
+    probe_ids = probe_ids.cpu()
+    P, T = prompt_ids.numel(), completion_ids.numel()
     mrope = row.prompt_positions.dim() == 2
-    pp = row.prompt_positions if mrope else row.prompt_positions.unsqueeze(0)
+    pp = row.prompt_positions.cpu() if mrope else row.prompt_positions.cpu().unsqueeze(0)
     # Text after the prompt continues from the largest id so far (as get_rope_index does after images).
     start = int(pp.max()) + 1 if P else 0
     comp_pos = torch.arange(start, start + T).unsqueeze(0).expand(pp.shape[0], T)
     base_pos = torch.cat([pp, comp_pos], dim=1)
 
-    ids, pos, vis, cid = [row.prompt_ids, row.completion_ids], [base_pos], [torch.arange(P + T)], [
+    ids, pos, vis, cid = [prompt_ids, completion_ids], [base_pos], [torch.arange(P + T)], [
         torch.full((P + T,), -1, dtype=torch.long)]
     ans_src, ans_tgt, ans_copy = [], [], []
     offset = P + T
@@ -119,6 +124,7 @@ def layout_row(row: ScoreRow, probe_ids: torch.Tensor) -> PackedLayout:
         last = P + c - 1  # last token the copy may see
         nxt = int(base_pos[:, last].max()) + 1 if last >= 0 else 0
         for v in row.variants:
+            v = v.cpu()
             seq = torch.cat([probe_ids, v])
             n = seq.numel()
             ids.append(seq)
@@ -139,6 +145,7 @@ def layout_row(row: ScoreRow, probe_ids: torch.Tensor) -> PackedLayout:
         visible=torch.cat(vis),
         copy_id=torch.cat(cid),
         completion_src=P - 1 + torch.arange(T),
+        completion_tgt=completion_ids,
         answer_src=torch.cat(ans_src) if ans_src else empty,
         answer_tgt=torch.cat(ans_tgt) if ans_tgt else empty,
         answer_copy=torch.cat(ans_copy) if ans_copy else empty,
@@ -222,8 +229,8 @@ def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob
 
     # Gather every scored position of the micro-batch, then one chunked fp32 log-softmax.
     src_rows, src_pos, tgts = [], [], []
-    for i, (lay, r) in enumerate(zip(layouts, rows)):
-        for src, tgt in ((lay.completion_src, r.completion_ids), (lay.answer_src, lay.answer_tgt)):
+    for i, lay in enumerate(layouts):
+        for src, tgt in ((lay.completion_src, lay.completion_tgt), (lay.answer_src, lay.answer_tgt)):
             src_rows.append(torch.full_like(src, i))
             src_pos.append(src)
             tgts.append(tgt)
@@ -304,13 +311,14 @@ def prompt_rows(model, batch) -> list[dict]:
     if batch.pixel_values is not None:
         feats = image_features(model, batch.pixel_values.to(device), batch.image_grid_thw.to(device))
     out, img = [], 0
-    for i in range(batch.input_ids.shape[0]):
-        keep = batch.attention_mask[i].bool()
+    ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
+    for i in range(ids.shape[0]):
+        keep = mask[i].bool()
         n_img = batch.images_per_sample[i] if batch.images_per_sample else 0
         embeds = torch.cat(feats[img : img + n_img]) if n_img else None
         img += n_img
         out.append({
-            "prompt_ids": batch.input_ids[i, keep],
+            "prompt_ids": ids[i, keep],
             "prompt_positions": pos[:, i, keep] if pos.dim() == 3 else pos[i, keep],
             "image_embeds": embeds,
         })
