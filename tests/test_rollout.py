@@ -83,11 +83,16 @@ def test_seeded_sampling_is_per_rollout_and_matches_the_distribution(tiny_vl_dir
     a = Sample(id="a", question="How many items?", images=[str(make_image("a.png"))], answer="3")
     b = Sample(id="b", question="Count the objects, please.", images=[str(make_image("b.png", color=(9, 9, 9)))],
                answer="2")
+    long = Sample(id="c", question="A much longer question that pads every other prompt of its batch on the left?",
+                  images=[str(make_image("c.png", color=(50, 9, 9)))], answer="2")
     both = engine.generate([a, b], seeds=[11, 22])
     alone = engine.generate([b], seeds=[22])
+    padded = engine.generate([long, b], seeds=[33, 22])
+    assert padded.prompt_mask[2, 0] == 0, "b is left padded in this batch"
     n = int(alone.completion_mask[0].sum())
-    # b's rollouts are identical whether sampled alone or after a, and its two copies differ.
+    # b's rollouts are identical alone, after a, or padded next to a longer prompt; its two copies differ.
     assert torch.equal(both.completion_ids[2, :n], alone.completion_ids[0, :n])
+    assert torch.equal(padded.completion_ids[2, :n], alone.completion_ids[0, :n])
     assert not torch.equal(both.completion_ids[2], both.completion_ids[3])
     # Gumbel-max on tempered, top-p-filtered logits samples softmax(logits / T) restricted to the nucleus.
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])

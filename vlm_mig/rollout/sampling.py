@@ -42,12 +42,16 @@ class SeededSampling(LogitsProcessor):
         self.seeds = list(seeds)
         self.temperature = temperature
         self.top_p = top_p
+        self._prompt_width: int | None = None  # padded prompt width, set on the first call of a generate
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if scores.shape[0] != len(self.seeds):
             raise ValueError(f"{scores.shape[0]} rows but {len(self.seeds)} seeds")
         logits = top_p_filter(scores.float() / self.temperature, self.top_p)
-        step = input_ids.shape[1]
+        # Count generated tokens only: the padded prompt width depends on the other prompts of the batch.
+        if self._prompt_width is None:
+            self._prompt_width = input_ids.shape[1]
+        step = input_ids.shape[1] - self._prompt_width
         noise = torch.empty_like(logits)
         gen = torch.Generator(device=logits.device)
         for i, seed in enumerate(self.seeds):

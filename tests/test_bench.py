@@ -1,0 +1,21 @@
+"""The benchmark scripts' CPU paths run (their numbers are reported by the scripts, never asserted here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_smoke_tiny_runs_the_same_code_on_cpu(tmp_path):
+    out = tmp_path / "smoke.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_smoke.py"), "--tiny", "--json", str(out)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert {"rollout_tokens_per_s", "packed_s", "naive_s", "max_abs_delta_l", "train_step_s"} <= data.keys()
+    assert data["max_abs_delta_l"] < 1e-4  # fp32 on CPU: packed equals naive
+    assert "train step" in res.stdout.splitlines()[-1]
