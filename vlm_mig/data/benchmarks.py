@@ -17,37 +17,12 @@ from typing import Any
 
 from vlm_mig.data.loaders import SampleList, _answer_text, _make_sample, _text_field, read_jsonl_samples
 from vlm_mig.data.schema import DataError, Sample
+from vlm_mig.rewards import last_boxed
 
 #: Environment variable that overrides where the benchmark folder is.
 DATASETS_ENV = "VLM_MIG_DATASETS"
 
 _CALC_ANNOTATION = re.compile(r"<<[^<>]*>>")
-
-
-def last_boxed(text: str) -> str | None:
-    r"""The content of the last ``\boxed{...}`` in ``text``, braces balanced; None if there is none.
-
-    A regex cannot do this (answers such as ``\boxed{\frac{1}{2}}`` nest), so braces are counted;
-    a backslash escapes the next character, so ``\{`` and ``\}`` do not count.
-    """
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    i = start + len("\\boxed{")
-    depth, begin = 1, i
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[begin:i].strip()
-        i += 1
-    return None  # unbalanced: the box never closes
 
 
 def gsm8k_gold(answer: str) -> tuple[str, list[str]]:
