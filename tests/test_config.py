@@ -286,7 +286,7 @@ def test_qwen2vl_recipes_follow_r1v(name):
     assert not cfg.data.train.startswith("synthetic:") and not cfg.data.validation.startswith("synthetic:")
     assert cfg.data.system_prompt is None and cfg.data.question_suffix == QUESTION_SUFFIX
     assert cfg.trainer.prompts_per_step * 8 * cfg.rollout.num_generations == 128  # per GPU x 8 GPUs x G
-    assert "configs/accelerate/zero3.yaml" in (CONFIGS / name).read_text()
+    assert "configs/accelerate/ddp.yaml" in (CONFIGS / name).read_text()
 
 
 def test_math_recipe():
