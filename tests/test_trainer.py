@@ -135,3 +135,16 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_vl_dir,
     assert all(a != b for a, b in zip(rank0, rank1)), "ranks must see different prompts"
     assert [a + b for a, b in zip(rank0, rank1)] == single
     _assert_same(_weights(one / "checkpoint-2"), _weights(two / "checkpoint-2"), atol=1e-5)
+
+
+def test_lora_run_saves_an_adapter_and_resumes(tiny_vl_dir, tmp_path):
+    over = _rl_overrides(tiny_vl_dir, tmp_path / "lora", 1, **{"model.lora_r": 4, "trainer.save_steps": 1})
+    Trainer(load_config(None, over), "rl").train()
+    assert (tmp_path / "lora" / "checkpoint-1" / "adapter_model.safetensors").is_file()
+    over = _rl_overrides(tiny_vl_dir, tmp_path / "lora", 2, **{"model.lora_r": 4, "trainer.save_steps": 1})
+    resumed = Trainer(load_config(None, over), "rl", resume=True)
+    assert resumed.step == 1
+    trainable = [n for n, p in resumed.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    resumed.train()
+    assert (tmp_path / "lora" / "checkpoint-2" / "adapter_model.safetensors").is_file()
