@@ -38,7 +38,6 @@ from vlm_mig.rollout import HFRolloutEngine, RolloutConfig  # noqa: E402
 from vlm_mig.trainer import Trainer  # noqa: E402
 
 
-
 def build_2b(out: Path) -> Path:
     """A random-init Qwen2-VL with the 2B architecture, saved as an ordinary HF folder (bf16 safetensors)."""
     from transformers import AutoModelForImageTextToText, Qwen2VLConfig

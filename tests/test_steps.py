@@ -28,7 +28,6 @@ Invariants checked on arbitrary text (``check_invariants``):
 from __future__ import annotations
 
 import json
-import random
 from itertools import pairwise
 
 import pytest

@@ -106,10 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-steps", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=4)
     p.add_argument("--error-rate", type=float, default=0.0, help="fraction of problems with an injected step error")
-    p.add_argument("--no-propagate", action="store_true", help="later steps return to the true value after an error")
+    p.add_argument("--no-propagate", action="store_true",
+                   help="later steps return to the true value after an error")
     p.set_defaults(handler=_data_arithmetic)
     _add_train_parser(sub, "sft", "sft", "supervised warm start on gold step-by-step solutions")
-    _add_train_parser(sub, "train", "rl", "RL with MIG process reward + outcome reward (GRPO: loss.alpha=0 loss.gamma=0)")
+    _add_train_parser(sub, "train", "rl",
+                      "RL with MIG process reward + outcome reward (GRPO: loss.alpha=0 loss.gamma=0)")
 
     from vlm_mig.evaluation import add_eval_command
 
@@ -132,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
     except (DataError, ConfigError) as e:

@@ -49,7 +49,8 @@ FORMAT_TOKENS = [THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE]
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
     "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
@@ -136,7 +137,8 @@ def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 2048):
 
     # The Qwen2 split pattern: contractions, letters, single digits, punctuation runs, whitespace.
     qwen2_split = (
-        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
     )
     tok = Tokenizer(models.BPE(byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -338,8 +340,9 @@ def resolve_attn_implementation(requested: str | None) -> str | None:
     return requested
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, attn_implementation: str | None = None,
-               trust_remote_code: bool = False, device: str | torch.device | None = None):
+def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
+               attn_implementation: str | None = None, trust_remote_code: bool = False,
+               device: str | torch.device | None = None):
     """Load a policy or reference model from a folder or hub id, as safetensors only."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 

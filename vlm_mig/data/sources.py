@@ -23,8 +23,8 @@ def load_source(spec: str, *, task: str, cache_dir: str | Path, fmt: str = "auto
         return list(load_benchmark(spec, limit=limit))
     path = Path(spec)
     if not path.exists():
-        raise DataError(f"data source {spec!r}: no such file or folder, shipped benchmark ({', '.join(list_benchmarks())}) "
-                        f"or synthetic set ({', '.join(SYNTHETIC)})")
+        raise DataError(f"data source {spec!r}: no such file or folder, shipped benchmark "
+                        f"({', '.join(list_benchmarks())}) or synthetic set ({', '.join(SYNTHETIC)})")
     if fmt == "auto":
         fmt = "superclevr" if path.is_dir() and (path / "scenes").exists() else "hf" if path.is_dir() else "jsonl"
         if fmt == "jsonl" and _looks_r1v(path):
