@@ -122,9 +122,14 @@ def write_trainer_state(folder: Path, optimizer, scheduler, state: dict[str, Any
     torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     if scheduler is not None:
         torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+    # Last: its presence marks the folder complete.
+    write_state_only(folder, state, config)
+
+
+def write_state_only(folder: Path, state: dict[str, Any], config: dict[str, Any] | None = None) -> None:
+    """The trainer state without optimizer/scheduler files (DeepSpeed writes its own)."""
     if config is not None:
         (folder / "run_config.json").write_text(json.dumps(config, indent=2))
-    # Last: its presence marks the folder complete.
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 

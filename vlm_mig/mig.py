@@ -192,6 +192,13 @@ def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: in
     """fp32 ``log p(target)`` for each row of ``hidden`` [N, H], in chunks (never all logits at once)."""
     head = model.get_output_embeddings()
     out = []
+    if hasattr(head.weight, "ds_id"):
+        # ZeRO-3 partitions the weight: only the module call gathers it (and routes its gradient back to the
+        # shards), so the logits come out in the engine's dtype and are upcast before the softmax.
+        for s in range(0, hidden.shape[0], chunk):
+            logits = head(hidden[s : s + chunk]).float()
+            out.append(logits.log_softmax(-1).gather(-1, targets[s : s + chunk].unsqueeze(-1)).squeeze(-1))
+        return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
     # fp32 even under bf16 autocast: bf16 logits carry ~0.1 nats of noise, as large as a step's gain.
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         weight = head.weight.float()

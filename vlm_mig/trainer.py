@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -78,7 +79,6 @@ def resolve_model_path(cfg: Config) -> str:
     """``tiny`` -> the embedded default, built once into the cache; anything else as given."""
     if cfg.model.name_or_path != "tiny":
         return cfg.model.name_or_path
-    import os
 
     root = Path(os.environ.get("VLM_MIG_CACHE", Path.home() / ".cache" / "vlm-mig"))
     path = root / f"tiny-{cfg.model.tiny_arch}-seed0"
@@ -108,8 +108,9 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.acc = Accelerator(
-            # Without a GPU, processes started by `accelerate launch --multi_gpu` / torchrun join over gloo.
-            cpu=not torch.cuda.is_available(),
+            # Without a GPU, processes started by `accelerate launch --multi_gpu` / torchrun join over gloo
+            # (DeepSpeed picks its own CPU backend, and cpu=True would switch it off).
+            cpu=not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true",
             mixed_precision="bf16" if t.bf16 else "no",
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
@@ -139,11 +140,18 @@ class Trainer:
         updates = t.max_steps * (t.num_iterations if mode == "rl" else 1)
         self.scheduler = get_scheduler(o.schedule, self.optimizer, num_warmup_steps=o.warmup_steps,
                                        num_training_steps=updates)
+        self.deepspeed = self.acc.state.deepspeed_plugin is not None
+        if self.deepspeed:
+            self._configure_deepspeed()
         self.policy, self.optimizer, self.scheduler = self.acc.prepare(PolicyForward(model), self.optimizer,
                                                                        self.scheduler)
         self.step = 0
         if resume_from is not None:
-            state = ckpt.load_trainer_state(resume_from, self.optimizer, self.scheduler)
+            if self.deepspeed:
+                self.policy.load_checkpoint(str(resume_from / "deepspeed"), tag="state", load_module_strict=False)
+                state = json.loads((resume_from / ckpt.STATE_FILE).read_text())
+            else:
+                state = ckpt.load_trainer_state(resume_from, self.optimizer, self.scheduler)
             self.step = state["step"]
             ckpt.load_rng(resume_from, self.acc.process_index)
             logger.info("resumed from %s at step %d", resume_from, self.step)
@@ -151,8 +159,7 @@ class Trainer:
         self.template = template_of(cfg)
         self.ref_model = None
         if mode == "rl" and cfg.loss.kl_coef > 0:
-            self.ref_model = load_model(self.base_path, dtype=cfg.model.dtype).to(self.acc.device).eval()
-            self.ref_model.requires_grad_(False)
+            self.ref_model = self._load_reference()
         self.engine = HFRolloutEngine(self.model, self.processor, cfg.rollout, self.template)
         self.step_cfg = StepConfig(min_step_chars=cfg.mig.min_step_chars, max_steps=cfg.mig.max_steps)
         self.probe = torch.tensor(self.tok.encode(cfg.mig.probe, add_special_tokens=False))
@@ -206,6 +213,49 @@ class Trainer:
                                                          lora_dropout=m.lora_dropout,
                                                          target_modules=m.lora_target_modules))
         return model.to(self.acc.device)
+
+    def _configure_deepspeed(self) -> None:
+        """No dataloader goes through ``prepare``, so DeepSpeed's batch sizes are set here. The micro-batches of
+        one update are marked as accumulation by ``_backward`` (one optimizer step at the last), so DeepSpeed's
+        own accumulation count stays 1 and it never rescales our globally normalised losses."""
+        t = self.cfg.trainer
+        ds = self.acc.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+        ds["gradient_accumulation_steps"] = 1
+        ds["train_batch_size"] = t.micro_batch_size * self.acc.num_processes
+        if self.cfg.optim.max_grad_norm:
+            ds["gradient_clipping"] = self.cfg.optim.max_grad_norm
+
+    def _load_reference(self) -> nn.Module:
+        ref = load_model(self.base_path, dtype=self.cfg.model.dtype)
+        ref.requires_grad_(False)
+        if self.deepspeed and self.acc.state.deepspeed_plugin.zero_stage == 3:
+            import deepspeed
+
+            # Under ZeRO-3 the weights are partitioned: only an engine gathers them for a forward.
+            ds = self.acc.state.deepspeed_plugin.deepspeed_config
+            conf = {"train_micro_batch_size_per_gpu": ds["train_micro_batch_size_per_gpu"],
+                    "zero_optimization": {"stage": 3}, "bf16": {"enabled": self.cfg.trainer.bf16}}
+            # Keep the engine alive (it owns the gathering hooks) but call the module: an engine's own
+            # `config` attribute is DeepSpeed's, not the model's.
+            self._ref_engine = deepspeed.initialize(model=ref, config=conf)[0]
+            ref = self._ref_engine.module
+        else:
+            ref = ref.to(self.acc.device)
+        ref.eval()  # (a DeepSpeed engine's eval() returns None, so not chained)
+        return ref
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Accumulate one micro-batch; only ``last`` ends the update (gradient sync / DeepSpeed step)."""
+        if self.deepspeed:
+            self.acc.gradient_state._set_sync_gradients(last)
+            try:
+                self.acc.backward(loss)
+            finally:
+                self.acc.gradient_state._set_sync_gradients(True)
+            return
+        with self.acc.no_sync(self.policy) if not last else contextlib.nullcontext():
+            self.acc.backward(loss)
 
     def _reward_specs(self) -> list[RewardSpec]:
         r = self.cfg.reward
@@ -357,10 +407,7 @@ class Trainer:
                     acc=acc[sl].to(dev), fmt=fmt[sl].to(dev), r_proc=r_proc[sl].to(dev), denominators=den,
                 )
                 # DDP averages gradients over processes; the denominators are global, so undo the average.
-                last = c_i == len(chunks) - 1
-                ctx = self.acc.no_sync(self.policy) if not last else contextlib.nullcontext()
-                with ctx:
-                    self.acc.backward(loss * self.acc.num_processes)
+                self._backward(loss * self.acc.num_processes, last=c_i == len(chunks) - 1)
                 diags.append((len(idx), diag))
             grad_norm = self._optimizer_step()
         times["update"] = time.perf_counter() - t0
@@ -409,9 +456,7 @@ class Trainer:
             logps = self.policy(sub, rows)
             # Token-level mean over the whole global batch (micro-batches and processes add up exactly).
             loss = -torch.cat(logps).sum() / world_tokens
-            ctx = self.acc.no_sync(self.policy) if c_i < len(chunks) - 1 else contextlib.nullcontext()
-            with ctx:
-                self.acc.backward(loss * self.acc.num_processes)
+            self._backward(loss * self.acc.num_processes, last=c_i == len(chunks) - 1)
             loss_sum += float(loss.detach()) * self.acc.num_processes
         grad_norm = self._optimizer_step()
         elapsed = time.perf_counter() - t0
@@ -473,6 +518,10 @@ class Trainer:
     def _optimizer_step(self) -> float:
         clip = self.cfg.optim.max_grad_norm
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.deepspeed:
+            # DeepSpeed already clipped and stepped in the last backward; this reads its global norm.
+            norm = self.acc.clip_grad_norm_(params, clip or 0.0)
+            return float(norm) if norm is not None else float("nan")
         if clip and clip > 0:
             norm = float(self.acc.clip_grad_norm_(params, clip))
         else:
@@ -512,7 +561,19 @@ class Trainer:
         tmp = self.out / f"checkpoint-{self.step}.tmp"
         if self.is_main:
             ckpt.begin_checkpoint(self.out, self.step)
-            ckpt.write_model(tmp, self.acc.unwrap_model(self.policy).model, self.processor)
+        self.acc.wait_for_everyone()
+        model = self.acc.unwrap_model(self.policy).model
+        if self.deepspeed:
+            # Every process takes part: the full weights are gathered from the shards, and the engine writes
+            # its own (sharded) optimizer and scheduler states.
+            full = self.acc.get_state_dict(self.policy)
+            if self.is_main:
+                full = {k.removeprefix("model."): v for k, v in full.items()}
+                model.save_pretrained(tmp, state_dict=full, safe_serialization=True)
+                self.processor.save_pretrained(tmp)
+            self.policy.save_checkpoint(str(tmp / "deepspeed"), tag="state")
+        elif self.is_main:
+            ckpt.write_model(tmp, model, self.processor)
         self.acc.wait_for_everyone()
         ckpt.save_rng(tmp, self.acc.process_index)
         self.acc.wait_for_everyone()
@@ -521,7 +582,10 @@ class Trainer:
             state = {"step": self.step, "data_position": self.step * self.acc.num_processes *
                      (cfg.prompts_per_step if self.mode == "rl" else cfg.sft_batch_size),
                      "mode": self.mode, "base_model": self.base_path, "num_processes": self.acc.num_processes}
-            ckpt.write_trainer_state(tmp, self.optimizer, self.scheduler, state, self.cfg.to_dict())
+            if self.deepspeed:
+                ckpt.write_state_only(tmp, state, self.cfg.to_dict())
+            else:
+                ckpt.write_trainer_state(tmp, self.optimizer, self.scheduler, state, self.cfg.to_dict())
             final = ckpt.finish_checkpoint(self.out, self.step, cfg.save_total_limit)
         self.acc.wait_for_everyone()
         return final
