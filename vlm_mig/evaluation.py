@@ -527,6 +527,8 @@ def evaluate(
     store: SampleStore | None = None,
     name: str | None = None,
     model_name: str | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ) -> BenchmarkResult:
     """Generate, grade and score one benchmark on a loaded model.
 
@@ -534,7 +536,8 @@ def evaluate(
     of ``Sample``. ``samples_k = 1`` is greedy unless ``temperature > 0``; K > 1 samples K completions per
     item from per-item seeded streams. ``template`` defaults to ``PromptTemplate()`` (the training
     prompt). With a ``store``, completions already in it are reused and new ones are appended per
-    batch. The model is put in eval mode for generation and restored afterwards.
+    batch. The model is put in eval mode for generation and restored afterwards. ``min_pixels`` /
+    ``max_pixels`` size images as at training time (the trainer passes its rollout settings).
     """
     from tqdm.auto import tqdm
 
@@ -574,6 +577,8 @@ def evaluate(
             top_p=decoding.top_p,
             max_new_tokens=decoding.max_new_tokens,
             compute_logprobs=False,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
         ),
         template,
     )

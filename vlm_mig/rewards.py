@@ -36,7 +36,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlm_mig.data.schema import TASK_TYPES
-from vlm_mig.prompts import ANSWER_CLOSE, ANSWER_OPEN, STEP_HEADER, THINK_CLOSE, THINK_OPEN
+from vlm_mig.prompts import (  # noqa: F401  (extract_boxed/last_boxed are part of this module's API)
+    ANSWER_CLOSE,
+    ANSWER_OPEN,
+    STEP_HEADER,
+    THINK_CLOSE,
+    THINK_OPEN,
+    extract_boxed,
+    last_boxed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,64 +80,6 @@ NUMERIC_ABS_TOL = 1e-6
 # Extraction
 # ----------------------------------------------------------------------------------------------
 
-_BOX_CMDS = ("\\boxed", "\\fbox")
-
-
-def extract_boxed(text: str) -> list[str]:
-    """Contents of every ``\\boxed{…}`` / ``\\fbox{…}`` in ``text``, in order.
-
-    Braces are matched by depth (``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``), which a regex cannot
-    do; escaped braces ``\\{ \\}`` do not count. The brace-less form ``\\boxed 5`` gives its next token.
-    An unclosed box (a truncated completion) is skipped rather than guessed at.
-    """
-    out: list[str] = []
-    i = 0
-    n = len(text)
-    while i < n:
-        starts = [(text.find(c, i), c) for c in _BOX_CMDS]
-        starts = [(p, c) for p, c in starts if p >= 0]
-        if not starts:
-            break
-        pos, cmd = min(starts)
-        j = pos + len(cmd)
-        # `\boxedfoo` is another macro, not a box.
-        if j < n and text[j].isalpha():
-            i = j
-            continue
-        while j < n and text[j] in " \t":
-            j += 1
-        if j < n and text[j] == "{":
-            depth, k = 0, j
-            while k < n:
-                ch = text[k]
-                if ch == "\\":  # skip the escaped character (\{ \} \\)
-                    k += 2
-                    continue
-                if ch == "{":
-                    depth += 1
-                elif ch == "}":
-                    depth -= 1
-                    if depth == 0:
-                        break
-                k += 1
-            if k >= n:  # unbalanced: the completion was cut inside the box
-                break
-            out.append(text[j + 1 : k].strip())
-            i = k + 1
-        else:
-            m = re.match(r"[^\s$}]+", text[j:])
-            if m and j > pos + len(cmd):  # `\boxed 5` needs the space
-                out.append(m.group(0))
-                i = j + m.end()
-            else:
-                i = j
-    return out
-
-
-def last_boxed(text: str) -> str | None:
-    """The content of the last ``\\boxed{…}`` in ``text`` (``None`` when there is none)."""
-    boxes = extract_boxed(text)
-    return boxes[-1] if boxes else None
 
 
 _NUMBER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")

@@ -27,7 +27,7 @@ from torch import nn
 
 from vlm_mig import checkpoint as ckpt
 from vlm_mig.advantages import compute_advantages, group_normalize, token_advantages
-from vlm_mig.config import Config, save_config
+from vlm_mig.config import Config, ConfigError, save_config
 from vlm_mig.data.schema import DataError, Sample
 from vlm_mig.data.sources import load_source
 from vlm_mig.losses import Denominators, sft_gate, total_loss
@@ -129,6 +129,9 @@ class Trainer:
         self.tok = tokenizer_of(self.processor)
         model = load_model(model_path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
                            trust_remote_code=cfg.model.trust_remote_code)
+        if getattr(model.config, "_attn_implementation", None) == "flash_attention_2":
+            raise ConfigError("model.attn_implementation: flash_attention_2 cannot take the float 4D block mask "
+                              "of the packed training and scoring passes; use sdpa (default) or eager")
         model = self._prepare_model(model, resume_from)
         self.model = model
         params = [p for p in model.parameters() if p.requires_grad]
@@ -552,8 +555,10 @@ class Trainer:
         from vlm_mig.evaluation import evaluate
 
         e = self.cfg.eval
+        r = self.cfg.rollout
         res = evaluate(self.model, self.processor, self.val_data, max_new_tokens=e.max_new_tokens,
-                       batch_size=e.batch_size, template=self.template, progress=False)
+                       batch_size=e.batch_size, template=self.template, progress=False,
+                       min_pixels=r.min_pixels, max_pixels=r.max_pixels)
         return {"val/accuracy": res.accuracy, "val/format": res.format_rate, "val/length": res.mean_length}
 
     def save(self) -> Path | None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from vlm_mig.data.loaders import SampleList, _answer_text, _make_sample, _text_field, read_jsonl_samples
 from vlm_mig.data.schema import DataError, Sample
-from vlm_mig.rewards import last_boxed
+from vlm_mig.prompts import last_boxed
 
 #: Environment variable that overrides where the benchmark folder is.
 DATASETS_ENV = "VLM_MIG_DATASETS"
