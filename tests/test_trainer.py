@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -105,12 +104,14 @@ def test_resume_after_sigkill_is_exact(tiny_vl_dir, tmp_path):
     subprocess.run(_cli("train", *over), check=True, capture_output=True)
     killed = tmp_path / "killed"
     over = _rl_overrides(tiny_vl_dir, killed, steps, **{"trainer.save_steps": 2})
-    proc = subprocess.Popen(_cli("train", *over), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while latest_checkpoint(killed) is None and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    proc = subprocess.Popen(_cli("train", *over), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Block on the trainer's own log until the first checkpoint is complete, then kill it mid-run.
+    for line in proc.stderr:
+        if "saved " in line and "checkpoint-2" in line:
+            break
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    proc.stderr.close()
     last = latest_checkpoint(killed)
     assert last is not None and last.name != f"checkpoint-{steps}", "the run must die mid-way"
     subprocess.run(_cli("train", "--resume", *over), check=True, capture_output=True)
@@ -124,7 +125,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_vl_dir,
     two = tmp_path / "two"
     over = _rl_overrides(tiny_vl_dir, two, 2, **{"trainer.prompts_per_step": 1, "loss.kl_coef": 0})
     # On a CPU-only machine `--multi_gpu` starts torchrun workers that the trainer joins over gloo.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vlm_mig.cli", "train", *over]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -592,6 +592,7 @@ class Trainer:
             else:
                 ckpt.write_trainer_state(tmp, self.optimizer, self.scheduler, state, self.cfg.to_dict())
             final = ckpt.finish_checkpoint(self.out, self.step, cfg.save_total_limit)
+            logger.info("saved %s", final)
         self.acc.wait_for_everyone()
         return final
 
