@@ -30,11 +30,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m vlm_mig.cli build-tiny --out $(OUT)/tiny-qwen2-vl
-	$(PY) -m vlm_mig.cli data clevr --n 16 --out $(OUT)/clevr-A --condition A --seed 0
-	$(PY) -m vlm_mig.cli score --model $(OUT)/tiny-qwen2-vl --data $(OUT)/clevr-A/data.jsonl \
-		--out $(OUT)/clevr-A-scored.jsonl --visual-evidence
-	@echo "demo outputs in $(OUT): model, scenes, and per-step scores of the gold solutions"
+	$(PY) -m vlm_mig.cli demo --out $(OUT)
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -113,9 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub, "train", "rl",
                       "RL with MIG process reward + outcome reward (GRPO: loss.alpha=0 loss.gamma=0)")
 
+    from vlm_mig.demo import add_demo_command
     from vlm_mig.evaluation import add_eval_command
 
     add_eval_command(sub)
+    add_demo_command(sub)
 
     p = sub.add_parser("score", help="which of my reasoning steps carried information? (l_k, gains, R_proc)")
     p.add_argument("--model", required=True, help="model folder or hub id")

@@ -1,0 +1,180 @@
+"""`vlm-mig demo`: the quick run writes every output and each one parses; the report helpers on hand-made
+inputs (smoothing, steps-to-reach, tables, the credit viewer)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from vlm_mig import report as rep
+from vlm_mig.demo import add_demo_command, main
+
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+class _Checker(HTMLParser):
+    """Well-formedness (every non-void tag closed in order) and where every src/href points."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+        self.counts: dict[str, int] = {}
+        self.external: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.counts[tag] = self.counts.get(tag, 0) + 1
+        for k, v in attrs:
+            if k in ("src", "href") and v and not v.startswith(("data:", "#")):
+                self.external.append(v)
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        self.counts[tag] = self.counts.get(tag, 0) + 1
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
+        else:
+            self.stack.pop()
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _check_html(path: Path) -> _Checker:
+    c = _Checker()
+    c.feed(path.read_text(encoding="utf-8"))
+    c.close()
+    assert not c.errors, c.errors[:5]
+    assert c.stack == [], c.stack
+    assert not c.external, f"external assets: {c.external[:3]}"
+    return c
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+
+
+def test_add_demo_command_parses_the_documented_flags():
+    parser = argparse.ArgumentParser(prog="vlm-mig")
+    add_demo_command(parser.add_subparsers(dest="command", required=True))
+    a = parser.parse_args(["demo"])
+    assert (a.out, a.quick, a.seeds) == ("out/demo", False, 1) and callable(a.handler)
+    a = parser.parse_args(["demo", "--out", "x", "--quick", "--seeds", "3"])
+    assert (a.out, a.quick, a.seeds) == ("x", True, 3)
+
+
+def test_quick_demo_writes_every_output_and_each_parses(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quick"]) == 0
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["command"] == f"vlm-mig demo --out {out} --quick"
+    for model in ("sft",):
+        for split in ("id", "ood"):
+            assert 0.0 <= results["results"][model][split]["accuracy"] <= 1.0
+    for method in ("grpo", "mig"):
+        (run,) = results["results"][method]
+        assert run["seed"] == 0 and set(run) >= {"id", "ood", "run"}
+        metrics = rep.read_jsonl(Path(run["run"]) / "metrics.jsonl")
+        steps, acc = rep.series(metrics, "reward/accuracy")
+        assert steps == list(range(1, results["plan"]["rl_steps"] + 1))
+        assert rep.series(metrics, "val/accuracy")[0][0] == 0  # the SFT start, validated before RL
+        assert (Path(run["run"]) / f"checkpoint-{results['plan']['rl_steps']}" / "model.safetensors").is_file()
+    assert (out / "runs" / "sft" / f"checkpoint-{results['plan']['sft_steps']}" / "model.safetensors").is_file()
+    # the two runs differ only in the loss switches (and the output folder)
+    import yaml
+
+    grpo = yaml.safe_load((out / "configs" / "grpo-seed0.yaml").read_text())
+    mig = yaml.safe_load((out / "configs" / "mig-seed0.yaml").read_text())
+    assert (grpo["loss"]["alpha"], grpo["loss"]["gamma"], mig["loss"]["alpha"], mig["loss"]["gamma"]) == (0, 0, 1, 0.1)
+    for cfg in (grpo, mig):
+        cfg["loss"].pop("alpha"), cfg["loss"].pop("gamma"), cfg["trainer"].pop("output_dir")
+    assert grpo == mig
+    wall = results["wall_time_s"]
+    assert wall["total"] > 0 and {"data", "sft train", "grpo seed 0 train", "mig seed 0 train"} <= set(wall)
+
+    with Image.open(out / "curves.png") as im:
+        im.verify()
+    with Image.open(out / "curves.png") as im:
+        assert im.format == "PNG" and im.size[0] > 600
+
+    c = _check_html(out / "steps.html")
+    text = " ".join(c.text)
+    assert "MIG policy (after RL), ID test" in text and "GRPO policy (after RL), OOD test" in text
+    assert c.counts.get("svg", 0) >= 4 and c.counts.get("img", 0) >= 4  # an l_k curve and the scene per card
+
+    md = (out / "report.md").read_text()
+    for needle in ("| model | ID accuracy | OOD accuracy", "| SFT (start) |", "| GRPO |", "| MIG |", "## Wall time",
+                   "curves.png", "smoke test"):
+        assert needle in md, needle
+    for sub in ("eval/sft/id.jsonl", "eval/grpo-seed0/ood.jsonl", "eval/mig-seed0/id.jsonl"):
+        rows = rep.read_jsonl(out / sub)
+        assert len(rows) == results["plan"]["test_scenes"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Report helpers
+
+
+def test_smooth_is_a_trailing_mean_without_look_ahead():
+    assert rep.smooth([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5]
+    assert rep.smooth([0, 0, 9], 1) == [0, 0, 9]
+    assert rep.smooth([], 3) == []
+
+
+def test_steps_to_reach_counts_only_full_windows():
+    steps = [1, 2, 3, 4, 5]
+    # the first point (window 1 of 2) is above the target but does not count
+    assert rep.steps_to_reach(0.5, steps, [0.9, 0.2, 0.4, 0.6, 0.7], window=2) == 4
+    assert rep.steps_to_reach(0.5, steps, [0.1] * 5, window=2) is None
+    assert rep.steps_to_reach(0.1, steps, [0.1] * 5, window=1) == 1
+
+
+def test_mean_curve_and_tables():
+    steps, mean, std = rep.mean_curve([([1, 2, 3], [0.0, 1.0, 2.0]), ([2, 3], [3.0, 4.0])])
+    assert steps == [2, 3] and mean == [2.0, 3.0] and std == [1.0, 1.0]
+    assert rep.fmt_pct([0.5]) == "50.0%"
+    assert rep.fmt_pct([0.4, 0.6]) == f"50.0 ± {100 * math.sqrt(0.02):.1f}%"
+    assert rep.fmt_pct([None]) == "–"
+    assert rep.markdown_table(["a", "b"], [[1, "x|y"]]) == "| a | b |\n|---|---|\n| 1 | x\\|y |"
+
+
+def test_credit_example_fills_watermark_and_gains():
+    ex = rep.CreditExample(title="t", question="q", gold="3", completion="c", steps=["a", "b", "c"],
+                           l=[-2.0, -1.0, -1.5, -0.5])
+    assert ex.watermark == [-2.0, -1.0, -1.0, -0.5]
+    assert ex.gains == [1.0, 0.0, 0.5]
+
+
+def test_steps_html_is_self_contained_and_shades_only_record_steps(tmp_path, make_image):
+    good = rep.CreditExample(title="one <b>", question="How many?", gold="3", completion="<think>x</think>",
+                             steps=["### Step 1: I see 2 cubes.", "### Step 2: a sphere.", "### Step 3: 2 + 1 = 3."],
+                             l=[-3.0, -1.0, -2.0, -0.2], predicted="3", correct=True, image=make_image())
+    empty = rep.CreditExample(title="no think", question="q", gold="1", completion="1", steps=[], l=[])
+    path = rep.write_steps_html([rep.CreditSection("S", "intro", [good, empty])], tmp_path / "s.html", title="T")
+    c = _check_html(path)
+    doc = path.read_text()
+    assert c.counts["svg"] == 2 and c.counts["img"] == 1 and 'src="data:image/png;base64,' in doc
+    assert "one &lt;b&gt;" in doc  # escaped
+    assert doc.count("rgba(44,160,44,0.000)") == 1  # step 2 (a detour below the record) is unshaded
+    assert "K = 0, so R_proc = 0" in doc
+
+
+@pytest.mark.parametrize("l", [[-1.0], [-1.0, -1.0], [-2.0, -0.5, -0.7]])
+def test_l_curve_svg_parses(l):
+    ex = rep.CreditExample(title="", question="", gold="", completion="", steps=["s"] * (len(l) - 1), l=l)
+    svg = rep.l_curve_svg(ex.l, ex.watermark, ex.gains)
+    c = _Checker()
+    c.feed(svg)
+    assert not c.errors and c.counts["circle"] == len(l) and c.counts["polyline"] == 2
