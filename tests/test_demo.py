@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from vlm_mig import report as rep
-from vlm_mig.demo import add_demo_command, main
+from vlm_mig.demo import add_demo_command, demo_command, main
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
@@ -70,6 +70,16 @@ def test_add_demo_command_parses_the_documented_flags():
     assert (a.out, a.quick, a.seeds) == ("out/demo", False, 1) and callable(a.handler)
     a = parser.parse_args(["demo", "--out", "x", "--quick", "--seeds", "3"])
     assert (a.out, a.quick, a.seeds) == ("x", True, 3)
+
+
+def test_vlm_mig_cli_has_the_demo_command():
+    from vlm_mig.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert "demo" in sub.choices
+    args = parser.parse_args(["demo", "--quick", "--seeds", "2"])
+    assert args.handler is demo_command and args.quick and args.seeds == 2
 
 
 def test_quick_demo_writes_every_output_and_each_parses(tmp_path):

@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -610,6 +611,13 @@ def _run_jobs(jobs: list[dict[str, Any]], parallel: bool) -> list[dict[str, Any]
     if not parallel or len(jobs) == 1:
         return [_rl_job(j) for j in jobs]
     procs, paths = [], []
+    saved_term = None
+    if threading.current_thread() is threading.main_thread():
+
+        def on_term(signum, frame):  # SIGTERM to this process: stop the runs it started too (below)
+            raise SystemExit(128 + signum)
+
+        saved_term = signal.signal(signal.SIGTERM, on_term)
     try:
         for pos, job in enumerate(jobs):
             base = Path(job["run"] + ".job")
@@ -623,13 +631,16 @@ def _run_jobs(jobs: list[dict[str, Any]], parallel: bool) -> list[dict[str, Any]
             paths.append((job_path, result_path))
         for proc in procs:
             proc.wait()
-    except BaseException:  # Ctrl-C or a failed start: stop the processes this call started, then re-raise
+    except BaseException:  # Ctrl-C, SIGTERM or a failed start: stop the processes this call started, re-raise
         for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
         for proc in procs:
             proc.wait()
         raise
+    finally:
+        if saved_term is not None:
+            signal.signal(signal.SIGTERM, saved_term)
     sys.stderr.write("\n" * len(procs))  # below the children's progress lines
     out = []
     for job, proc, (job_path, result_path) in zip(jobs, procs, paths):
