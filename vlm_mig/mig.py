@@ -350,12 +350,17 @@ def rollout_rows(model, rollouts, cuts: list[list[int]] | None = None,
     return rows
 
 
-def pad_logprobs(scores: list[RowScores], length: int) -> torch.Tensor:
-    """Stack per-row completion log-probs into [N, length], 0 on padding."""
-    out = torch.zeros(len(scores), length)
-    for i, s in enumerate(scores):
-        out[i, : s.completion_logprobs.numel()] = s.completion_logprobs.detach().cpu()
+def pad_rows(rows: list[torch.Tensor], length: int) -> torch.Tensor:
+    """Stack 1-D tensors into [B, length] (zeros after each), keeping the autograd graph."""
+    out = rows[0].new_zeros(len(rows), length) if rows else torch.zeros(0, length)
+    for i, r in enumerate(rows):
+        out[i, : r.numel()] = r
     return out
+
+
+def pad_logprobs(scores: list[RowScores], length: int) -> torch.Tensor:
+    """Stack per-row completion log-probs into [N, length] on the CPU, detached, 0 on padding."""
+    return pad_rows([s.completion_logprobs.detach().cpu() for s in scores], length)
 
 
 @torch.no_grad()

@@ -31,7 +31,17 @@ from vlm_mig.config import Config, ConfigError, save_config
 from vlm_mig.data.schema import DataError, Sample
 from vlm_mig.data.sources import load_source
 from vlm_mig.losses import Denominators, sft_gate, total_loss
-from vlm_mig.mig import ScoreRow, packed_forward, process_reward, prompt_rows, rollout_rows, score_rows, step_gains
+from vlm_mig.mig import (
+    ScoreRow,
+    packed_forward,
+    pad_logprobs,
+    pad_rows,
+    process_reward,
+    prompt_rows,
+    rollout_rows,
+    score_rows,
+    step_gains,
+)
 from vlm_mig.models import build_tiny, load_model, load_processor
 from vlm_mig.processing import PromptTemplate, encode_prompts, tokenizer_of
 from vlm_mig.prompts import SYSTEM_PROMPT, format_solution
@@ -60,14 +70,6 @@ class PolicyForward(nn.Module):
         score = [ScoreRow(completion_ids=r["completion_ids"], cuts=[], variants=[], **pieces[r["prompt"]])
                  for r in rows]
         return [s.completion_logprobs for s in packed_forward(self.model, score, EMPTY)]
-
-
-def pad_rows(rows: list[torch.Tensor], length: int) -> torch.Tensor:
-    """Stack 1-D tensors into [B, length] (zeros after each), keeping the autograd graph."""
-    out = rows[0].new_zeros(len(rows), length) if rows else torch.zeros(0, length)
-    for i, r in enumerate(rows):
-        out[i, : r.numel()] = r
-    return out
 
 
 def template_of(cfg: Config) -> PromptTemplate:
@@ -382,12 +384,12 @@ class Trainer:
                 r_proc = process_reward(l_pad, valid)
                 gains = step_gains(l_pad, valid)
             if need_old:
-                old_logp = pad_rows([s.completion_logprobs.cpu() for s in scores], T)
+                old_logp = pad_logprobs(scores, T)
         ref_logp = None
         if self.ref_model is not None:
             with torch.no_grad(), self.acc.autocast():
                 ref = score_rows(self.ref_model, rollout_rows(self.ref_model, r), EMPTY, cfg.mig.max_tokens_per_batch)
-            ref_logp = pad_rows([s.completion_logprobs.cpu() for s in ref], T)
+            ref_logp = pad_logprobs(ref, T)
         times["score"] = time.perf_counter() - t0
 
         adv = self._advantages(r_out, r_proc, m_full, m_cot, G, gains, K, spans, T)
