@@ -20,10 +20,13 @@ from vlm_mig.data.synthetic import (
     COUNT_ALL_QUESTION,
     MATERIALS,
     SHAPES,
+    QUESTION_MIXES,
     SIZES,
     ArithmeticProblem,
     Scene,
+    check_claims,
     correct_solution,
+    count_claims,
     make_arithmetic,
     make_clevr_example,
     render_scene,
@@ -66,13 +69,14 @@ _VOCAB = {**{c: "color" for c in COLORS}, **{s: "size" for s in SIZES}, **{m: "m
 
 
 def parse_phrase(phrase: str) -> dict[str, str]:
-    """ "large red cubes" -> {'size': 'large', 'color': 'red', 'shape': 'cube'}."""
+    """ "large red cubes" (or "large red cube") -> {'size': 'large', 'color': 'red', 'shape': 'cube'}."""
     *adjectives, noun = phrase.split()
     flt = {_VOCAB[w]: w for w in adjectives}
     assert len(flt) == len(adjectives)
-    if noun != "objects":
-        assert noun[:-1] in SHAPES, phrase
-        flt["shape"] = noun[:-1]
+    if noun not in ("objects", "object"):
+        shape = noun if noun in SHAPES else noun[:-1]  # "1 cube", "2 cubes"
+        assert shape in SHAPES, phrase
+        flt["shape"] = shape
     return flt
 
 
@@ -87,6 +91,15 @@ def answer_from_question(question: str, objects: list[dict]) -> int:
     m = re.fullmatch(r"How many more (.+) than (.+) are there\?", question)
     if m:
         return count(objects, parse_phrase(m.group(1))) - count(objects, parse_phrase(m.group(2)))
+    m = re.fullmatch(r"How many (.+) and (.+) are there in total\?", question)
+    if m:
+        a, b = parse_phrase(m.group(1)), parse_phrase(m.group(2))
+        assert a.keys() == b.keys() and len(a) == 1 and a != b, question  # disjoint sets
+        return count(objects, a) + count(objects, b)
+    m = re.fullmatch(r"How many objects are not (\w+)\?", question)
+    if m:
+        word = m.group(1)
+        return len(objects) - count(objects, {_VOCAB[word]: word} if word in _VOCAB else parse_phrase(word))
     m = re.fullmatch(r"How many (.+) are there\?", question)
     assert m, question
     return count(objects, parse_phrase(m.group(1)))
@@ -144,7 +157,7 @@ def test_clevr_layout_and_answers(tmp_path: Path) -> None:
         check_gold_steps(s.gold_steps, s.answer)
         assert s.answer in s.gold_steps[-1]
         kinds.add(s.meta["question_type"])
-    assert kinds == {"count_all", "count_attr", "compare"}
+    assert kinds == {"count_all", "count_attr", "count_two_attr", "compare"}
 
 
 def test_render_reproduces_the_png_from_the_scene_json(tmp_path: Path) -> None:
@@ -221,16 +234,93 @@ def test_count_all_steps_example() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**40), condition=st.sampled_from(["A", "B", "all"]))
-def test_scenes_and_questions_over_seeds(seed: int, condition: str) -> None:
+@given(seed=st.integers(0, 2**40), condition=st.sampled_from(["A", "B", "all"]),
+       mix=st.sampled_from(["counting", "multistep"]))
+def test_scenes_and_questions_over_seeds(seed: int, condition: str, mix: str) -> None:
     rng = random.Random(seed)
     scene = sample_scene(rng, condition, (1, 8), 112)
     d = scene.to_json("x.png")
     assert_scene_valid(d, condition)
     for _ in range(4):
-        q = sample_question(rng, scene)
+        q = sample_question(rng, scene, mix)
         assert q.answer == answer_from_question(q.text, d["objects"]) >= 0
         check_gold_steps(list(q.steps), str(q.answer))
+        check_step_counts(q.steps, q.answer, d["objects"])
+
+
+_SEE = re.compile(r"I see (no|\d+) (.+?)(?: in total)?(?:: (.+))?\.")
+_OF_THESE = re.compile(r"Of these, (none|\d+) (?:is|are) (\w+)(?:: (.+))?\.")
+_SUM = re.compile(r"(?:In total|The difference is|So) (\d+) ([-+]) (\d+) = (\d+)(?: objects)?\.")
+
+
+def check_step_counts(steps: tuple[str, ...] | list[str], answer: int | str, objects: list[dict]) -> None:
+    """Every gold step is true of the scene json: each stated count (and the objects it lists) matches the
+    scene, each sum or difference is right, and the last step states the answer."""
+    last: dict[str, str] | None = None
+    stated: list[int] = []
+    for step in steps:
+        see, of_these, arith = _SEE.fullmatch(step), _OF_THESE.fullmatch(step), _SUM.fullmatch(step)
+        if see or of_these:
+            m = see or of_these
+            if see:
+                flt = parse_phrase(m.group(2))
+            else:
+                assert last is not None, steps
+                flt = {**last, _VOCAB[m.group(2)]: m.group(2)}
+            n = 0 if m.group(1) in ("no", "none") else int(m.group(1))
+            assert n == count(objects, flt), (step, objects)
+            if m.group(3):  # the listed objects: n descriptions, each matching the filter
+                listed = re.split(r", | and ", m.group(3))
+                assert len(listed) == n and all(all(v in d.split() for v in flt.values() if v not in SHAPES)
+                                                for d in listed), step
+            last = flt
+            stated.append(n)
+        elif arith:
+            a, op, b, c = int(arith.group(1)), arith.group(2), int(arith.group(3)), int(arith.group(4))
+            assert (a + b if op == "+" else a - b) == c, step
+            assert [a, b] == stated[-2:], (step, stated)  # combines the two counts just stated
+        else:
+            m = re.fullmatch(r"(?:So there (?:is|are)|In total .* =) (\d+) .+\.", step)
+            assert m, step
+    assert str(answer) in steps[-1]
+
+
+def test_multistep_questions_need_their_intermediate_counts() -> None:
+    """Each multi-step type states two counts (or a count and a filtered count) before the answer, and both
+    are true of the scene; the answer follows from them by the stated operation."""
+    seen = set()
+    for i in range(300):
+        ex = make_clevr_example(i, seed=7, question_mix="multistep", num_objects=(1, 8), condition="B")
+        s, objects = ex.samples[0], ex.scene_json["objects"]
+        kind = s.meta["question_type"]
+        seen.add(kind)
+        assert int(s.answer) == answer_from_question(s.question, objects)
+        check_step_counts(s.gold_steps, s.answer, objects)
+        claims = count_claims(format_solution(s.gold_steps, s.answer))
+        assert check_claims(format_solution(s.gold_steps, s.answer), objects) == (len(claims), len(claims))
+        if kind in ("add", "subtract", "compare"):
+            (f1, n1), (f2, n2) = claims
+            assert int(s.answer) == {"add": n1 + n2, "subtract": n1 - n2, "compare": n1 - n2}[kind]
+            assert f"{n1} {'+' if kind == 'add' else '-'} {n2} = {s.answer}" in s.gold_steps[-1]
+        elif kind == "count_two_attr" and len(claims) == 2:
+            (f1, n1), (f2, n2) = claims
+            assert len(f1) == 1 and len(f2) == 2 and f1.items() <= f2.items() and n2 == int(s.answer) <= n1
+    assert seen == set(QUESTION_MIXES["multistep"])
+
+
+def test_count_claims_catch_wrong_counts() -> None:
+    objects = [{"shape": "cube", "color": "red", "size": "large", "material": "metal"},
+               {"shape": "cube", "color": "gray", "size": "small", "material": "rubber"},
+               {"shape": "sphere", "color": "red", "size": "small", "material": "rubber"}]
+    text = ("<think>\n### Step 1: I see 2 red objects: a large red cube and a small red sphere.\n"
+            "### Step 2: Of these, 1 is large: a large red cube.\n### Step 3: I see 3 cubes: a, b and c.\n"
+            "### Step 4: I see no spheres.\n### Step 5: I see 3 objects in total.\n</think>\n<answer>1</answer>")
+    assert count_claims(text) == [({"color": "red"}, 2), ({"color": "red", "size": "large"}, 1),
+                                  ({"shape": "cube"}, 3), ({"shape": "sphere"}, 0), ({}, 3)]
+    assert check_claims(text, objects) == (5, 3)
+    assert count_claims("I see 2 dogs. Of these, 1 is large. So 2 - 1 = 1.") == []
+    with pytest.raises(DataError, match="question mix"):
+        make_clevr_example(0, question_mix="bogus")
 
 
 # --------------------------------------------------------------------------------------- arithmetic

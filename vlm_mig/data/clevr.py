@@ -17,11 +17,22 @@ Questions (task ``count``, integer answers):
 
 * ``count_all``: "How many different items are there in the image?" (the R1-V / Super-CLEVR protocol
   question);
-* ``count_attr``: count by a filter of 1-2 attributes ("How many red objects are there?",
-  "How many large cubes are there?", "How many metal spheres are there?");
+* ``count_attr``: count by one attribute ("How many red objects are there?", "How many cubes are
+  there?", "How many metal objects are there?");
 * ``compare``: "How many more cubes than spheres are there?", the two sides ordered so that the
   answer (a difference of counts) is never negative. Kept integer so that one grader (integer match)
   serves every CLEVR question.
+
+Multi-step questions, where an intermediate count is needed before the answer can be written:
+
+* ``count_two_attr``: a filter chain, "How many large red objects are there?" or "How many metal cubes
+  are there?": count the red objects (the cubes), then keep the large (metal) ones among them;
+* ``add``: "How many red objects and blue objects are there in total?": two counts over values of one
+  attribute (so the two sets never overlap), then their sum;
+* ``subtract``: "How many objects are not cubes?": count everything, count the cubes, subtract.
+
+``QUESTION_MIXES`` names two mixes: ``counting`` (the default: count_all / count_attr / compare) and
+``multistep`` (every type, most weight on the multi-step ones).
 
 Gold steps (``Sample.gold_steps``) are plain step texts without the ``### Step i:`` header (that is
 added by :func:`vlm_mig.prompts.format_solution`); each lists the objects it counts, left to right,
@@ -34,6 +45,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +84,12 @@ CONDITIONS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 #: Default question-type mix (relative weights).
-QUESTION_MIX = {"count_all": 0.5, "count_attr": 0.35, "compare": 0.15}
+QUESTION_MIX = {"count_all": 0.5, "count_attr": 0.2, "count_two_attr": 0.15, "compare": 0.15}
+#: Every question type, most weight on those whose intermediate counts are needed for the answer.
+MULTISTEP_MIX = {"count_all": 0.15, "count_attr": 0.1, "count_two_attr": 0.15, "compare": 0.2, "add": 0.2,
+                 "subtract": 0.2}
+QUESTION_MIXES = {"counting": QUESTION_MIX, "multistep": MULTISTEP_MIX}
+QUESTION_TYPES = tuple(MULTISTEP_MIX)
 COUNT_ALL_QUESTION = "How many different items are there in the image?"
 
 #: Object extent (side of its square bounding box) as a fraction of the image side. Large is ~1.7x
@@ -442,21 +459,105 @@ def compare_question(scene: Scene, attribute: str, first: str, second: str) -> Q
     return Question("compare", text, len(a) - len(b), steps, {"compare": [attribute, first, second]})
 
 
+#: The attribute a filter chain counts first (shape, then colour, material, size).
+_CHAIN_ORDER = ("shape", "color", "material", "size")
+
+
+def filter_chain_question(scene: Scene, flt: dict[str, str]) -> Question:
+    """Count by two attributes in two steps: the objects with the first attribute, then those of them that
+    also have the second ("I see 3 red objects: ...", "Of these, 2 are large: ...", "So there are 2 large
+    red objects.")."""
+    if len(flt) != 2:
+        raise DataError(f"a filter-chain question needs a 2-attribute filter, got {flt!r}")
+    first_attr, second_attr = sorted(flt, key=_CHAIN_ORDER.index)
+    with_material = "material" in flt
+    first = {first_attr: flt[first_attr]}
+    a = [o for o in _left_to_right(scene) if matches(o, first)]
+    b = [o for o in a if matches(o, flt)]
+    steps = [_see_step(first, a, with_material)]
+    if a and b:
+        listed = _join([_describe(o, with_material) for o in b])
+        steps.append(f"Of these, {len(b)} {'is' if len(b) == 1 else 'are'} {flt[second_attr]}: {listed}.")
+    elif a:
+        steps.append(f"Of these, none {'is' if len(a) == 1 else 'are'} {flt[second_attr]}.")
+    n = len(b)
+    steps.append(f"So there {'is' if n == 1 else 'are'} {n} {noun_phrase(flt, n)}.")
+    text = f"How many {noun_phrase(flt)} are there?"
+    return Question("count_two_attr", text, n, tuple(steps), {"filter": dict(flt)})
+
+
+def union_question(scene: Scene, attribute: str, first: str, second: str) -> Question:
+    """ "How many red objects and blue objects are there in total?": two counts, then their sum. Both values
+    belong to one attribute, so no object is counted twice."""
+    if first == second:
+        raise DataError(f"an add question needs two different {attribute} values, got {first!r} twice")
+    objs = _left_to_right(scene)
+    fa, fb = {attribute: first}, {attribute: second}
+    a = [o for o in objs if matches(o, fa)]
+    b = [o for o in objs if matches(o, fb)]
+    with_material = attribute == "material"
+    steps = (
+        _see_step(fa, a, with_material),
+        _see_step(fb, b, with_material),
+        f"In total {len(a)} + {len(b)} = {len(a) + len(b)}.",
+    )
+    text = f"How many {noun_phrase(fa)} and {noun_phrase(fb)} are there in total?"
+    return Question("add", text, len(a) + len(b), steps, {"add": [attribute, first, second]})
+
+
+def _value_text(attribute: str, value: str) -> str:
+    """How a value reads after "are not": "cubes" for a shape, the value itself otherwise."""
+    return noun_phrase({"shape": value}) if attribute == "shape" else value
+
+
+def complement_question(scene: Scene, attribute: str, value: str) -> Question:
+    """ "How many objects are not cubes?": count everything, count the cubes, subtract."""
+    n = len(scene.objects)
+    flt = {attribute: value}
+    k = [o for o in _left_to_right(scene) if matches(o, flt)]
+    steps = (
+        f"I see {n} {'object' if n == 1 else 'objects'} in total.",
+        _see_step(flt, k, attribute == "material"),
+        f"So {n} - {len(k)} = {n - len(k)}.",
+    )
+    text = f"How many objects are not {_value_text(attribute, value)}?"
+    return Question("subtract", text, n - len(k), steps, {"subtract": [attribute, value]})
+
+
 _VALUES = {"shape": SHAPES, "color": tuple(COLORS), "size": SIZES, "material": MATERIALS}
-#: Attribute filters of count_attr questions.
-_FILTER_PATTERNS = (
-    ("color",), ("size",), ("material",), ("shape",),
-    ("size", "shape"), ("color", "shape"), ("material", "shape"), ("size", "color"),
-)  # fmt: skip
+#: Attribute filters of count_attr (one attribute) and count_two_attr (two) questions.
+_FILTER_PATTERNS = {
+    1: (("color",), ("size",), ("material",), ("shape",)),
+    2: (("size", "shape"), ("color", "shape"), ("material", "shape"), ("size", "color")),
+}
 
 
-def _random_filter(rng: random.Random, scene: Scene) -> dict[str, str]:
-    """A 1-2 attribute filter, mostly taken from an object in the scene so that answers are rarely 0."""
-    pattern = rng.choice(_FILTER_PATTERNS)
+def _random_filter(rng: random.Random, scene: Scene, n_attributes: int) -> dict[str, str]:
+    """A filter on ``n_attributes`` attributes, mostly taken from an object in the scene so that answers are
+    rarely 0."""
+    pattern = rng.choice(_FILTER_PATTERNS[n_attributes])
     if rng.random() < 0.8:
         anchor = rng.choice(scene.objects)
         return {a: getattr(anchor, a) for a in pattern}
     return {a: rng.choice(_VALUES[a]) for a in pattern}
+
+
+def _random_attribute(rng: random.Random) -> str:
+    """Mostly shapes and colours (more values, more varied answers), sometimes size or material."""
+    return rng.choices(("shape", "color", "size", "material"), weights=(0.35, 0.35, 0.15, 0.15))[0]
+
+
+def _random_union(rng: random.Random, scene: Scene) -> Question:
+    attribute = _random_attribute(rng)
+    first = getattr(rng.choice(scene.objects), attribute)  # a value present in the scene
+    second = rng.choice([v for v in _VALUES[attribute] if v != first])
+    return union_question(scene, attribute, first, second)
+
+
+def _random_complement(rng: random.Random, scene: Scene) -> Question:
+    attribute = _random_attribute(rng)
+    value = getattr(rng.choice(scene.objects), attribute) if rng.random() < 0.8 else rng.choice(_VALUES[attribute])
+    return complement_question(scene, attribute, value)
 
 
 def _random_compare(rng: random.Random, scene: Scene) -> Question:
@@ -471,28 +572,92 @@ def _random_compare(rng: random.Random, scene: Scene) -> Question:
     return compare_question(scene, attribute, first, second)
 
 
-def _check_mix(question_mix: dict[str, float] | None) -> dict[str, float]:
+def _check_mix(question_mix: dict[str, float] | str | None) -> dict[str, float]:
+    if isinstance(question_mix, str):
+        if question_mix not in QUESTION_MIXES:
+            raise DataError(f"unknown question mix {question_mix!r}; expected one of {tuple(QUESTION_MIXES)} "
+                            "or a mapping of question types to weights")
+        question_mix = QUESTION_MIXES[question_mix]
     mix = dict(QUESTION_MIX if question_mix is None else question_mix)
-    unknown = set(mix) - set(QUESTION_MIX)
+    unknown = set(mix) - set(QUESTION_TYPES)
     if unknown or not mix or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
         raise DataError(
-            f"question_mix must map some of {tuple(QUESTION_MIX)} to non-negative weights with a positive sum, "
+            f"question_mix must map some of {QUESTION_TYPES} to non-negative weights with a positive sum, "
             f"got {question_mix!r}"
         )
     return mix
 
 
 def sample_question(
-    rng: random.Random, scene: Scene, question_mix: dict[str, float] | None = None
+    rng: random.Random, scene: Scene, question_mix: dict[str, float] | str | None = None
 ) -> Question:
-    """Draw a question type from ``question_mix`` (relative weights), then a question of that type."""
+    """Draw a question type from ``question_mix`` (relative weights, or a name in ``QUESTION_MIXES``), then
+    a question of that type."""
     mix = _check_mix(question_mix)
     kind = rng.choices(list(mix), weights=list(mix.values()))[0]
     if kind == "count_all":
         return count_question(scene, {})
     if kind == "count_attr":
-        return count_question(scene, _random_filter(rng, scene))
+        return count_question(scene, _random_filter(rng, scene, 1))
+    if kind == "count_two_attr":
+        return filter_chain_question(scene, _random_filter(rng, scene, 2))
+    if kind == "add":
+        return _random_union(rng, scene)
+    if kind == "subtract":
+        return _random_complement(rng, scene)
     return _random_compare(rng, scene)
+
+
+# ------------------------------------------------------------------------------- checking claims
+
+_WORDS = {**{c: "color" for c in COLORS}, **{z: "size" for z in SIZES}, **{m: "material" for m in MATERIALS}}
+_SEE = re.compile(r"I see (no|\d+) ([a-z ]+?)(?: in total)?(?::|\.|$)")
+_OF_THESE = re.compile(r"Of these, (none|\d+) (?:is|are) ([a-z]+)(?::|\.|$)")
+
+
+def _phrase_filter(phrase: str) -> dict[str, str] | None:
+    """ "large red cubes" -> {'size': 'large', 'color': 'red', 'shape': 'cube'}; None if not a noun phrase."""
+    *adjectives, noun = phrase.split() or [""]
+    flt: dict[str, str] = {}
+    for w in adjectives:
+        if w not in _WORDS or _WORDS[w] in flt:
+            return None
+        flt[_WORDS[w]] = w
+    shape = noun[:-1] if noun.endswith("s") else noun
+    if shape in SHAPES:
+        flt["shape"] = shape
+    elif shape != "object":
+        return None
+    return flt
+
+
+def count_claims(text: str) -> list[tuple[dict[str, str], int]]:
+    """The counts a completion states, as ``(filter, count)``: "I see 2 red cubes: ..." gives
+    ``({'color': 'red', 'shape': 'cube'}, 2)``, "I see 5 objects in total." ``({}, 5)``, and "Of these, 1 is
+    large" the previous filter plus ``size=large``. Sentences in other forms state nothing here."""
+    claims: list[tuple[dict[str, str], int]] = []
+    last: dict[str, str] | None = None
+    for m in re.finditer(f"{_SEE.pattern}|{_OF_THESE.pattern}", text):
+        if m.group(1) is not None:
+            flt = _phrase_filter(m.group(2))
+            n = m.group(1)
+        else:
+            word = m.group(4)
+            flt = None if last is None or word not in _WORDS or _WORDS[word] in last else {**last, _WORDS[word]: word}
+            n = m.group(3)
+        if flt is None:
+            continue
+        claims.append((flt, 0 if n in ("no", "none") else int(n)))
+        last = flt
+    return claims
+
+
+def check_claims(text: str, objects: list[dict[str, Any]]) -> tuple[int, int]:
+    """``(stated, right)``: how many counts ``text`` states and how many of them equal the count of matching
+    objects in the scene (``objects``: the scene JSON's object records)."""
+    claims = count_claims(text)
+    right = sum(n == sum(matches(o, flt) for o in objects) for flt, n in claims)
+    return len(claims), right
 
 
 # ------------------------------------------------------------------------------------- generation
@@ -509,7 +674,7 @@ def make_clevr_example(
     condition: str = "A",
     image_size: int = 112,
     num_objects: int | tuple[int, int] = (1, 6),
-    question_mix: dict[str, float] | None = None,
+    question_mix: dict[str, float] | str | None = None,
     questions_per_scene: int = 1,
 ) -> ClevrExample:
     """Scene ``index`` of the set ``(seed, condition)``, rendered, with its question samples (in memory).
@@ -555,7 +720,7 @@ def write_clevr(
     seed: int = 0,
     image_size: int = 112,
     num_objects: int | tuple[int, int] = (1, 6),
-    question_mix: dict[str, float] | None = None,
+    question_mix: dict[str, float] | str | None = None,
     questions_per_scene: int = 1,
 ) -> list[Sample]:
     """Write ``n`` scenes: ``out_dir/images/*.png``, ``out_dir/scenes/*.json`` and ``out_dir/data.jsonl``.
