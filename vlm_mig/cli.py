@@ -10,6 +10,7 @@ from collections.abc import Callable
 from vlm_mig.config import ConfigError
 from vlm_mig.data.schema import DataError
 from vlm_mig.score import ScoreConfig as ScoreDefaults
+from vlm_mig.warmup import WarmupConfig
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -17,8 +18,13 @@ Handler = Callable[[argparse.Namespace], int]
 def _build_tiny(args: argparse.Namespace) -> int:
     from vlm_mig.models import build_tiny
 
-    out = build_tiny(args.out, arch=args.arch, seed=args.seed)
-    print(f"wrote tiny {args.arch} model (seed {args.seed}) to {out}")
+    steps = WarmupConfig.steps if args.warmup_steps is None and args.arch != "qwen2" else args.warmup_steps or 0
+    if steps and args.arch == "qwen2":
+        raise ConfigError("--warmup-steps: arch qwen2 has no vision tower to warm up")
+    out = build_tiny(args.out, arch=args.arch, seed=args.seed, warmup=WarmupConfig.for_steps(steps) if steps else None,
+                     progress=True)
+    how = f"vision tower warmed up for {steps} steps" if steps else "random weights"
+    print(f"wrote tiny {args.arch} model (seed {args.seed}, {how}) to {out}")
     return 0
 
 
@@ -28,6 +34,7 @@ def _data_clevr(args: argparse.Namespace) -> int:
     samples = write_clevr(
         args.out, n=args.n, condition=args.condition, seed=args.seed, image_size=args.image_size,
         num_objects=(args.min_objects, args.max_objects), questions_per_scene=args.questions_per_scene,
+        question_mix=args.mix,
     )
     print(f"wrote {len(samples)} CLEVR-like samples (condition {args.condition}, seed {args.seed}) to {args.out}")
     return 0
@@ -85,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--arch", default="qwen2-vl", choices=["qwen2-vl", "qwen2.5-vl", "qwen2"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help=f"vision warm-up steps on synthetic scenes (default: {WarmupConfig.steps} for VLMs, a few "
+                        "CPU minutes; 0: random vision tower)")
     p.set_defaults(handler=_build_tiny)
 
     data = sub.add_parser("data", help="generate synthetic data offline").add_subparsers(dest="kind", required=True)
@@ -98,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-objects", type=int, default=1)
     p.add_argument("--max-objects", type=int, default=6)
     p.add_argument("--questions-per-scene", type=int, default=1)
+    p.add_argument("--mix", default="counting", choices=["counting", "multistep"],
+                   help="question types: counting (count all / by attribute / compare) or multistep (also filter "
+                        "chains, add, subtract)")
     p.set_defaults(handler=_data_clevr)
     p = data.add_parser("arithmetic", help="multi-step arithmetic word problems with gold steps (jsonl)")
     p.add_argument("--n", type=int, required=True)

@@ -28,6 +28,7 @@ from vlm_mig.data.schema import TASK_TYPES
 from vlm_mig.losses import NORMALIZERS, LossConfig
 from vlm_mig.models import ARCHES
 from vlm_mig.rollout.base import RolloutConfig
+from vlm_mig.warmup import WarmupConfig
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,7 @@ class ModelConfig:
 
     name_or_path: str = "tiny"  #: folder or hub id; "tiny" builds (and caches) the embedded tiny Qwen2-VL
     tiny_arch: str = "qwen2-vl"  #: architecture of the "tiny" model: qwen2-vl | qwen2.5-vl | qwen2
+    tiny_warmup_steps: int = WarmupConfig.steps  #: vision warm-up steps of the "tiny" VLM (0: random vision tower)
     dtype: str = "float32"  #: parameter dtype: float32 | bfloat16 (use bf16 on GPU)
     attn_implementation: str | None = None  #: None lets transformers pick (sdpa); eager | sdpa | flash_attention_2
     gradient_checkpointing: bool = False  #: trade compute for memory on long sequences
@@ -176,6 +178,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 #: Numeric fields with bounds: (minimum, maximum), either None for unbounded; both inclusive.
 BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "model.lora_r": (0, None),
+    "model.tiny_warmup_steps": (0, None),
     "data.synthetic_n": (1, None),
     "data.validation_n": (1, None),
     "data.max_objects": (1, None),

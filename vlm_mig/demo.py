@@ -73,6 +73,7 @@ class DemoPlan:
     smooth_window: int  #: trailing window of the training-curve smoothing
     viewer_examples: int  #: completions per section of steps.html
     eval_batch: int = 50
+    warmup_steps: int = 1500  #: vision warm-up steps of the tiny model (built once, cached)
 
 
 DEFAULT = DemoPlan(
@@ -85,7 +86,7 @@ QUICK = DemoPlan(
     name="quick", train_scenes=160, test_scenes=24, val_scenes=8,
     sft_steps=40, sft_batch=8, sft_lr=2e-3,
     rl_steps=4, prompts_per_step=2, generations=4, max_new_tokens=48, rl_lr=1e-4,
-    eval_every=2, sample_log_steps=1, smooth_window=2, viewer_examples=2, eval_batch=24,
+    eval_every=2, sample_log_steps=1, smooth_window=2, viewer_examples=2, eval_batch=24, warmup_steps=20,
 )
 
 
@@ -219,7 +220,7 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def sft_recipe(plan: DemoPlan, train: Path, out_dir: Path, threads: int | None, report_to: list[str]) -> dict:
     return _merge(_common(plan, train, threads, report_to), {
-        "model": {"name_or_path": "tiny", "tiny_arch": "qwen2-vl"},
+        "model": {"name_or_path": "tiny", "tiny_arch": "qwen2-vl", "tiny_warmup_steps": plan.warmup_steps},
         "data": {"validation": None},
         "optim": {"lr": plan.sft_lr},
         "trainer": {"output_dir": str(out_dir), "seed": 0, "max_steps": plan.sft_steps,
@@ -437,7 +438,8 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, seeds: int = 1, 
 
     # 1. model
     _say(f"== [{next(phase)}/{n_phases}] the embedded tiny Qwen2-VL (built once into the cache)")
-    model_path = timer.run("model", resolve_model_path, load_config(None, ["model.name_or_path=tiny"]))
+    model_path = timer.run("model", resolve_model_path, load_config(None, [
+        "model.name_or_path=tiny", f"model.tiny_warmup_steps={plan.warmup_steps}"]))
     _say(f"  {model_path}")
 
     # 2. data

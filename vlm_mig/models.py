@@ -3,7 +3,8 @@
 Real checkpoints and the embedded default go through the same loader: ``load_model`` /
 ``load_processor`` call ``from_pretrained`` on whatever they are given. ``build_tiny`` writes a complete
 Hugging Face folder (tokenizer trained locally, Qwen2-VL special tokens and chat template, image and video
-processor config, random-init safetensors weights), byte-identical for a given seed.
+processor config, safetensors weights: random init, optionally with a vision tower warmed up on synthetic scenes
+by `vlm_mig.warmup`), byte-identical for a given seed (and, with a warm-up, a given machine).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from vlm_mig.prompts import ANSWER_CLOSE, ANSWER_OPEN, STEP_HEADER, SYSTEM_PROMPT, THINK_CLOSE, THINK_OPEN
+from vlm_mig.warmup import WarmupConfig
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +108,17 @@ def _corpus(seed: int, n_sentences: int = 4000) -> list[str]:
     ops = [("+", lambda a, b: a + b), ("-", lambda a, b: a - b), ("*", lambda a, b: a * b)]
     lines = [SYSTEM_PROMPT, "How many different items are there in the image?", "You are a helpful assistant."]
     for _ in range(n_sentences):
-        kind = rng.randrange(4)
-        if kind == 0:
+        kind = rng.randrange(5)
+        if kind == 4:  # the multi-step CLEVR phrasing (vlm_mig.data.clevr)
+            c, s, z = rng.choice(colors), rng.choice(shapes), rng.choice(sizes)
+            a, b = rng.randrange(0, 9), rng.randrange(0, 9)
+            lines.append(rng.choice([
+                f"How many {c} objects and {z} objects are there in total? In total {a} + {b} = {a + b}.",
+                f"How many objects are not {s}? I see {a} objects in total. So {a} - {b} = {a - b}.",
+                f"How many more {s} than {c} objects are there? The difference is {a} - {b} = {a - b}.",
+                f"Of these, {a} are {c}: a {z} {c} {s}. Of these, none is {z}. So there are {b} {z} {s}.",
+            ]))
+        elif kind == 0:
             c, s, z, m = rng.choice(colors), rng.choice(shapes), rng.choice(sizes), rng.choice(materials)
             n = rng.randrange(0, 11)
             lines.append(f"How many {z} {c} {m} {s} are there? I see {n} {z} {c} {s}.")
@@ -262,12 +273,20 @@ def build_processor(tokenizer, arch: str = "qwen2-vl", min_pixels: int | None = 
     )
 
 
-def build_tiny(out_dir: str | os.PathLike, arch: str = "qwen2-vl", seed: int = 0, spec: TinySpec | None = None) -> Path:
-    """Write a complete, loadable Hugging Face model folder for the tiny default model; return its path."""
+def build_tiny(out_dir: str | os.PathLike, arch: str = "qwen2-vl", seed: int = 0, spec: TinySpec | None = None,
+               warmup: WarmupConfig | None = None, progress: bool = False) -> Path:
+    """Write a complete, loadable Hugging Face model folder for the tiny default model; return its path.
+
+    With ``warmup`` (VLM architectures only), the vision tower is first trained to see CLEVR-like scenes
+    (``vlm_mig.warmup``); its held-out count accuracy is recorded in ``vlm_mig_tiny.json``. Without it the
+    weights are the random initialisation (what the tests use: it builds in about a second).
+    """
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
     if arch not in ARCHES:
         raise ValueError(f"--arch must be one of {ARCHES}, got {arch!r}")
+    if warmup is not None and arch == "qwen2":
+        raise ValueError("a vision warm-up needs a vision tower; arch qwen2 is text-only")
     spec = spec or TinySpec()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -276,6 +295,13 @@ def build_tiny(out_dir: str | os.PathLike, arch: str = "qwen2-vl", seed: int = 0
     torch.manual_seed(seed)
     auto = AutoModelForCausalLM if arch == "qwen2" else AutoModelForImageTextToText
     model = auto.from_config(cfg, dtype=torch.float32)
+    processor = build_processor(tok, arch)
+    record: dict[str, Any] = {"arch": arch, "seed": seed, **spec.__dict__}
+    if warmup is not None:
+        from vlm_mig.warmup import warm_up_vision
+
+        record["vision_warmup"] = warm_up_vision(model, processor, warmup, seed=seed, image_size=spec.image_size,
+                                                 progress=progress)
     model.generation_config = GenerationConfig(
         bos_token_id=cfg.get_text_config().bos_token_id,
         eos_token_id=[tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")],
@@ -285,10 +311,41 @@ def build_tiny(out_dir: str | os.PathLike, arch: str = "qwen2-vl", seed: int = 0
         top_p=1.0,
     )
     model.save_pretrained(out, safe_serialization=True)
-    build_processor(tok, arch).save_pretrained(out)
+    processor.save_pretrained(out)
     tok.save_pretrained(out)
-    (out / "vlm_mig_tiny.json").write_text(json.dumps({"arch": arch, "seed": seed, **spec.__dict__}, indent=2) + "\n")
+    (out / "vlm_mig_tiny.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
+
+
+#: Version of what ``build_tiny`` writes; bumped whenever its output changes, so cached models are rebuilt.
+TINY_FORMAT = 2
+
+
+def cache_root() -> Path:
+    """Where built models are cached: ``$VLM_MIG_CACHE``, else ``~/.cache/vlm-mig``."""
+    return Path(os.environ.get("VLM_MIG_CACHE", Path.home() / ".cache" / "vlm-mig"))
+
+
+def tiny_model_dir(arch: str = "qwen2-vl", warmup_steps: int = 0, seed: int = 0, progress: bool = False) -> Path:
+    """The tiny model, built once into the cache (with a vision warm-up of ``warmup_steps`` for VLM
+    architectures) and reused. The folder name holds everything that changes the weights; the folder is
+    written under a temporary name and renamed, so a half-built model is never reused."""
+    steps = warmup_steps if arch != "qwen2" else 0
+    path = cache_root() / (f"tiny{TINY_FORMAT}-{arch}-seed{seed}" + (f"-vision{steps}" if steps else ""))
+    if (path / "model.safetensors").is_file():
+        return path
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    warmup = WarmupConfig.for_steps(steps) if steps else None
+    if warmup is not None:
+        logger.info("building the tiny %s model with a %d-step vision warm-up (once; cached in %s)", arch, steps, path)
+    build_tiny(tmp, arch=arch, seed=seed, warmup=warmup, progress=progress)
+    try:
+        tmp.replace(path)
+    except OSError:  # another process won the race: its folder is identical
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -408,5 +465,4 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path | None:
     gguf = find_smollm2_gguf()
     if gguf is None:
         return None
-    root = Path(cache_dir or os.environ.get("VLM_MIG_CACHE", Path.home() / ".cache" / "vlm-mig"))
-    return gguf_to_safetensors(gguf, root / "smollm2-135m-instruct")
+    return gguf_to_safetensors(gguf, Path(cache_dir or cache_root()) / "smollm2-135m-instruct")

@@ -42,7 +42,7 @@ from vlm_mig.mig import (
     score_rows,
     step_gains,
 )
-from vlm_mig.models import build_tiny, load_model, load_processor
+from vlm_mig.models import load_model, load_processor, tiny_model_dir
 from vlm_mig.processing import PromptTemplate, encode_prompts, tokenizer_of
 from vlm_mig.prompts import SYSTEM_PROMPT, format_solution
 from vlm_mig.rewards import RewardSpec, compute_rewards
@@ -78,22 +78,11 @@ def template_of(cfg: Config) -> PromptTemplate:
 
 
 def resolve_model_path(cfg: Config) -> str:
-    """``tiny`` -> the embedded default, built once into the cache; anything else as given."""
+    """``tiny`` -> the embedded default (vision warm-up included), built once into the cache; anything else as
+    given."""
     if cfg.model.name_or_path != "tiny":
         return cfg.model.name_or_path
-
-    root = Path(os.environ.get("VLM_MIG_CACHE", Path.home() / ".cache" / "vlm-mig"))
-    path = root / f"tiny-{cfg.model.tiny_arch}-seed0"
-    if not (path / "model.safetensors").is_file():
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        build_tiny(tmp, arch=cfg.model.tiny_arch, seed=0)
-        try:
-            tmp.replace(path)
-        except OSError:  # another process won the race: its folder is identical
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(path)
+    return str(tiny_model_dir(cfg.model.tiny_arch, cfg.model.tiny_warmup_steps))
 
 
 class Trainer:
