@@ -88,8 +88,8 @@ class Rollouts:
 class RolloutEngine(ABC):
     """Samples G completions for each prompt of a batch, in as few backend calls as the backend allows.
 
-    Built by ``vlm_mig.rollout.make_engine``. A trainer calls ``sync_weights(policy)`` after every optimizer
-    update, so the next ``generate`` samples from the updated policy.
+    Built by ``vlm_mig.rollout.make_engine``. The trainer calls ``sync_weights(policy)`` after each step's
+    optimizer updates, so the next ``generate`` samples from the updated policy.
     """
 
     config: RolloutConfig

@@ -231,6 +231,7 @@ class VLLMRolloutEngine(RolloutEngine):
         return assemble_rollouts(self.model, self.processor, samples, batch, repeat_prompts(batch, G), completion,
                                  self.eos_ids, self.pad_id)
 
+    @torch.no_grad()
     def _push_weights(self, model: Any) -> None:
         self._wake("weights")
         dtype = self._dtype
