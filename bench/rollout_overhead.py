@@ -1,8 +1,9 @@
 """Rollout engine overhead over a bare ``model.generate`` on the same batch (tiny Qwen2-VL, CPU).
 
 Both sample the same prompts x G completions with the same seed and settings; the engine also encodes
-the prompts (chat template, image loading and sizing), builds masks and texts, and, with old log-probs on,
-runs the teacher-forced fp32 pass.
+the prompts (chat template, image loading and sizing), builds masks, texts and position ids. The last row
+adds the teacher-forced fp32 old-log-prob pass a caller runs on the rollouts when it needs them
+(``vlm_mig.mig.teacher_forced_logprobs``; the trainer gets them from its packed scoring pass instead).
 
     python bench/rollout_overhead.py [--prompts 2] [--G 8] [--new-tokens 32]
 """
@@ -20,9 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import timeit  # noqa: E402
 
 from vlm_mig.data.synthetic import write_clevr  # noqa: E402
+from vlm_mig.mig import teacher_forced_logprobs  # noqa: E402
 from vlm_mig.models import build_tiny, load_model, load_processor  # noqa: E402
 from vlm_mig.processing import encode_prompts  # noqa: E402
-from vlm_mig.rollout import HFRolloutEngine, RolloutConfig, repeat_prompts  # noqa: E402
+from vlm_mig.rollout import RolloutConfig, make_engine, repeat_prompts  # noqa: E402
 
 
 def main() -> None:
@@ -41,9 +43,9 @@ def main() -> None:
         model = load_model(build_tiny(Path(tmp) / "m", seed=0)).eval()
         processor = load_processor(Path(tmp) / "m")
         # Same seed, inputs and settings: both sides sample the very same tokens.
-        probe_engine = HFRolloutEngine(model, processor)
+        engine = make_engine(RolloutConfig(num_generations=args.G, max_new_tokens=args.new_tokens), model, processor)
         gen = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": args.new_tokens,
-               "eos_token_id": probe_engine.eos_ids, "pad_token_id": probe_engine.pad_id}
+               "eos_token_id": engine.eos_ids, "pad_token_id": engine.pad_id}
         batch = repeat_prompts(encode_prompts(processor, samples), args.G)
 
         def bare():
@@ -51,16 +53,15 @@ def main() -> None:
             with torch.no_grad():
                 model.generate(**batch.model_inputs(), **gen)
 
-        results = {"bare model.generate": timeit(bare, args.repeats)}
-        for logprobs in (False, True):
-            cfg = RolloutConfig(num_generations=args.G, max_new_tokens=args.new_tokens, compute_logprobs=logprobs)
-            engine = HFRolloutEngine(model, processor, cfg)
+        def run(logprobs: bool):
+            torch.manual_seed(0)
+            r = engine.generate(samples)
+            if logprobs:
+                teacher_forced_logprobs(model, r)
 
-            def run(engine=engine):
-                torch.manual_seed(0)
-                engine.generate(samples)
-
-            results[f"engine (old log-probs {'on' if logprobs else 'off'})"] = timeit(run, args.repeats)
+        results = {"bare model.generate": timeit(bare, args.repeats),
+                   "engine": timeit(lambda: run(False), args.repeats),
+                   "engine + old log-probs pass": timeit(lambda: run(True), args.repeats)}
     base = results["bare model.generate"]
     n = args.prompts * args.G
     print(f"{args.prompts} prompts x G={args.G} x {args.new_tokens} new tokens, {args.threads} threads")

@@ -26,7 +26,7 @@ from vlm_mig.models import build_tiny, load_model, load_processor
 from vlm_mig.processing import encode_prompts, tokenizer_of
 from vlm_mig.prompts import format_solution
 from vlm_mig.rewards import extract_answer, grade, is_well_formatted
-from vlm_mig.rollout import HFRolloutEngine, RolloutConfig
+from vlm_mig.rollout import RolloutConfig, make_engine
 
 
 def sft_loss(model, processor, samples) -> torch.Tensor:
@@ -42,8 +42,7 @@ def sft_loss(model, processor, samples) -> torch.Tensor:
 
 
 def evaluate(model, processor, samples) -> dict:
-    engine = HFRolloutEngine(model, processor, RolloutConfig(num_generations=1, temperature=0.0, max_new_tokens=96,
-                                                             compute_logprobs=False))
+    engine = make_engine(RolloutConfig(num_generations=1, temperature=0.0, max_new_tokens=96), model, processor)
     correct = fmt = 0
     for i in range(0, len(samples), 25):
         chunk = samples[i : i + 25]

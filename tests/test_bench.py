@@ -18,4 +18,6 @@ def test_gpu_smoke_tiny_runs_the_same_code_on_cpu(tmp_path):
     data = json.loads(out.read_text())
     assert {"rollout_tokens_per_s", "packed_s", "naive_s", "max_abs_delta_l", "train_step_s"} <= data.keys()
     assert data["max_abs_delta_l"] < 1e-4  # fp32 on CPU: packed equals naive
+    assert data["rescore_max_abs_delta_l"] < 1e-4 and data["rescore_max_abs_delta_logp"] < 1e-4  # sampled rows too
+    assert data["backend"] == "hf" and data["weight_syncs"] == 2  # one sync per train step
     assert "train step" in res.stdout.splitlines()[-1]

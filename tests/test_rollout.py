@@ -1,10 +1,12 @@
-"""Rollout engine on the tiny models: batching of groups, EOS masks, left padding, old log-probs."""
+"""Rollout engine on the tiny models: batching of groups, EOS masks, left padding; old log-probs from the
+teacher-forced pass callers run on the engine's rollouts."""
 
 from __future__ import annotations
 
 import torch
 
 from vlm_mig.data.schema import Sample
+from vlm_mig.mig import teacher_forced_logprobs
 from vlm_mig.models import load_model, load_processor
 from vlm_mig.processing import encode_prompts
 from vlm_mig.rollout import HFRolloutEngine, RolloutConfig, repeat_prompts
@@ -47,9 +49,11 @@ def test_hf_engine_samples_groups_and_teacher_forced_logprobs(tiny_vl_dir, make_
     r = engine.generate(samples)
     assert r.completion_ids.shape[0] == 8 and r.group.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     assert r.completion_ids.shape[1] <= 12 and len(r.texts) == 8
-    assert r.old_logprobs.shape == r.completion_ids.shape
-    assert (r.old_logprobs[r.completion_mask == 0] == 0).all()
-    assert (r.old_logprobs[r.completion_mask == 1] < 0).all()
+    assert r.old_logprobs is None  # sampling only: log-probs are the caller's pass
+    old = teacher_forced_logprobs(engine.model, r)
+    assert old.shape == r.completion_ids.shape
+    assert (old[r.completion_mask == 0] == 0).all()
+    assert (old[r.completion_mask == 1] < 0).all()
     # Recompute one row's log-probs with a plain forward over its own unpadded prompt + completion.
     i = 5
     n = int(r.completion_mask[i].sum())
@@ -60,7 +64,7 @@ def test_hf_engine_samples_groups_and_teacher_forced_logprobs(tiny_vl_dir, make_
         logits = engine.model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm,
                               pixel_values=one.pixel_values, image_grid_thw=one.image_grid_thw).logits[0]
     ref = logits[-n - 1 : -1].float().log_softmax(-1).gather(-1, r.completion_ids[i, :n, None]).squeeze(-1)
-    assert torch.allclose(ref, r.old_logprobs[i, :n], atol=1e-4)
+    assert torch.allclose(ref, old[i, :n], atol=1e-4)
     # Full-sequence M-RoPE ids: the completion continues from the prompt's largest id, one per token.
     pos = r.position_ids
     assert pos.shape == (3, 8, r.prompt_ids.shape[1] + r.completion_ids.shape[1])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import re
 import types
@@ -28,7 +29,10 @@ from vlm_mig.data.schema import TASK_TYPES
 from vlm_mig.losses import NORMALIZERS, LossConfig
 from vlm_mig.models import ARCHES
 from vlm_mig.rollout.base import RolloutConfig
+from vlm_mig.rollout.factory import BACKENDS
 from vlm_mig.warmup import WarmupConfig
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -169,6 +173,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", "jsonl", "r1v", "superclevr", "hf"),  # what data.sources.load_source reads
     "data.task": TASK_TYPES,
     "data.synthetic_condition": tuple(CONDITIONS),
+    "rollout.backend": tuple(BACKENDS),
+    "rollout.vllm_dtype": ("auto", "bfloat16", "float16", "float32"),  # what vllm.LLM(dtype=...) takes
     "advantage.scale": SCALES,
     "advantage.process_credit": PROCESS_CREDITS,
     "loss.normalizer": NORMALIZERS,
@@ -188,6 +194,8 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "rollout.top_p": (0, 1),
     "rollout.max_new_tokens": (1, None),
     "rollout.max_prompt_length": (1, None),
+    "rollout.vllm_max_model_len": (1, None),
+    "rollout.vllm_max_images": (1, None),
     "mig.min_step_chars": (0, None),
     "mig.max_steps": (1, None),
     "mig.max_tokens_per_batch": (1, None),
@@ -209,6 +217,13 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "eval.max_new_tokens": (1, None),
     "eval.limit": (1, None),
     "eval.batch_size": (1, None),
+}
+
+
+#: Keys that no longer exist, with why: a saved config that still has one loads, with a warning.
+REMOVED: dict[str, str] = {
+    "rollout.compute_logprobs": "rollout engines only sample now; old log-probs come from the trainer's own "
+                                "teacher-forced fp32 pass (vlm_mig.mig.teacher_forced_logprobs)",
 }
 
 
@@ -306,6 +321,9 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
     dotted = (prefix + ".") if prefix else ""
     for key, value in data.items():
         full = f"{dotted}{key}"
+        if full in REMOVED:
+            logger.warning("%s is ignored: %s", full, REMOVED[full])
+            continue
         if key not in names:
             what = "unknown key" if prefix else "unknown section"
             close = difflib.get_close_matches(str(key), names, n=1)

@@ -541,7 +541,7 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    from vlm_mig.rollout import HFRolloutEngine, RolloutConfig
+    from vlm_mig.rollout import RolloutConfig, make_engine
     from vlm_mig.rollout.sampling import rollout_seed
 
     if extraction not in EXTRACTIONS:
@@ -568,18 +568,17 @@ def evaluate(
     # An item is pending if any of its K completions is missing (a torn batch can cut an item's K
     # rows); it is redrawn whole from the same seeded streams and only the missing completions are kept.
     pending = [s for s in samples if any((s.id, j) not in done for j in range(K))]
-    engine = HFRolloutEngine(
-        model,
-        processor,
+    engine = make_engine(
         RolloutConfig(
             num_generations=K,
             temperature=decoding.temperature,
             top_p=decoding.top_p,
             max_new_tokens=decoding.max_new_tokens,
-            compute_logprobs=False,
             min_pixels=min_pixels,
             max_pixels=max_pixels,
         ),
+        model,
+        processor,
         template,
     )
     have = sum((s.id, j) in done for s in samples for j in range(K))

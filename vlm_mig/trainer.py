@@ -46,7 +46,7 @@ from vlm_mig.models import load_model, load_processor, tiny_model_dir
 from vlm_mig.processing import PromptTemplate, encode_prompts, tokenizer_of
 from vlm_mig.prompts import SYSTEM_PROMPT, format_solution
 from vlm_mig.rewards import RewardSpec, compute_rewards
-from vlm_mig.rollout import HFRolloutEngine, Rollouts, select_prompts
+from vlm_mig.rollout import Rollouts, make_engine, select_prompts
 from vlm_mig.rollout.sampling import rollout_seed
 from vlm_mig.steps import StepConfig, cot_mask, segment_batch, step_index
 
@@ -154,7 +154,7 @@ class Trainer:
         self.ref_model = None
         if mode == "rl" and cfg.loss.kl_coef > 0:
             self.ref_model = self._load_reference()
-        self.engine = HFRolloutEngine(self.model, self.processor, cfg.rollout, self.template)
+        self.engine = make_engine(cfg.rollout, self.model, self.processor, self.template) if mode == "rl" else None
         self.step_cfg = StepConfig(min_step_chars=cfg.mig.min_step_chars, max_steps=cfg.mig.max_steps)
         self.probe = torch.tensor(self.tok.encode(cfg.mig.probe, add_special_tokens=False))
         self.reward_specs = self._reward_specs()
@@ -325,7 +325,6 @@ class Trainer:
         self._record_prompts(prompts)
 
         t0 = time.perf_counter()
-        self.engine.config.compute_logprobs = False
         with self.acc.autocast():
             r = self.engine.generate(prompts, seeds=seeds)
         times["generate"] = time.perf_counter() - t0
@@ -405,6 +404,9 @@ class Trainer:
                 diags.append((len(idx), diag))
             grad_norm = self._optimizer_step()
         times["update"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.engine.sync_weights(self.model)  # the next rollouts sample from the updated policy
+        times["sync"] = time.perf_counter() - t0
 
         n_tokens = int(r.attention_mask.sum())
         metrics = {

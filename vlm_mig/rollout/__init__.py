@@ -1,10 +1,13 @@
 """Rollouts: sample G completions per prompt and return one ``Rollouts`` batch.
 
-The engine interface is ``RolloutEngine.generate(samples) -> Rollouts``; ``HFRolloutEngine`` (transformers
-``generate``, CPU/GPU) is the built-in backend.
+``make_engine(config, model, processor, template)`` builds the engine ``config.backend`` names: ``hf``
+(transformers ``generate``, CPU/GPU) or ``vllm`` (GPU, colocated with training; optional extra, imported only
+when chosen). Every engine has ``generate(samples, seeds) -> Rollouts`` and ``sync_weights(model)``.
 """
 
 from vlm_mig.rollout.base import RolloutConfig, RolloutEngine, Rollouts, repeat_prompts, select_prompts
+from vlm_mig.rollout.factory import BACKENDS, make_engine
 from vlm_mig.rollout.hf import HFRolloutEngine
 
-__all__ = ["HFRolloutEngine", "RolloutConfig", "RolloutEngine", "Rollouts", "repeat_prompts", "select_prompts"]
+__all__ = ["BACKENDS", "HFRolloutEngine", "RolloutConfig", "RolloutEngine", "Rollouts", "make_engine",
+           "repeat_prompts", "select_prompts"]

@@ -1,4 +1,9 @@
-"""The ``Rollouts`` batch that flows through the pipeline, and the engine interface that makes it."""
+"""The ``Rollouts`` batch that flows through the pipeline, and the engine interface that makes it.
+
+An engine only samples: it returns token ids, masks, texts and position ids. Old log-probs are never its job:
+callers that need them run the trainer's own teacher-forced fp32 pass (``vlm_mig.mig.teacher_forced_logprobs``,
+or the packed scoring pass), whichever backend sampled, so MIG scores and PPO ratios never depend on it.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from typing import Any
 import torch
 
 from vlm_mig.data.schema import Sample
-from vlm_mig.processing import PromptBatch
+from vlm_mig.processing import PromptBatch, rope_position_ids, tokenizer_of
 
 
 @dataclass
@@ -23,7 +28,17 @@ class RolloutConfig:
     max_prompt_length: int | None = None  #: longer prompts are an error naming the sample (never truncated)
     min_pixels: int | None = None  #: image sizing lower bound (qwen-vl-utils semantics)
     max_pixels: int | None = None  #: image sizing upper bound
-    compute_logprobs: bool = True  #: run the teacher-forced fp32 pass for old log-probs after sampling
+    backend: str = "hf"  #: hf (transformers generate, CPU/GPU) | vllm (GPU only: pip install 'vlm-mig[vllm]')
+    vllm_gpu_memory_utilization: float = 0.3  #: share of each GPU vLLM may take (weights + KV cache), beside training
+    vllm_sleep: bool = True  #: free vLLM's GPU memory during scoring and the update (sleep level 1), where supported
+    vllm_dtype: str = "bfloat16"  #: vLLM's weight dtype (auto: the checkpoint's); the trainer's own passes keep theirs
+    vllm_max_model_len: int | None = None  #: prompt + completion room vLLM reserves; None: the model's context length
+    vllm_max_images: int | None = None  #: images per prompt vLLM reserves room for; None: vLLM's default
+    vllm_kwargs: dict[str, Any] = field(default_factory=dict)  #: further vllm.LLM(...) arguments (e.g. enforce_eager)
+
+    def __post_init__(self):
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
 
 
 @dataclass
@@ -42,7 +57,7 @@ class Rollouts:
     completion_mask: torch.Tensor  #: [N, T] 1 for every token through the first EOS
     texts: list[str]  #: decoded completions (special tokens dropped)
     position_ids: torch.Tensor | None = None  #: [3, N, P+T] M-RoPE ids (VLMs) or [N, P+T], 0 on padding
-    old_logprobs: torch.Tensor | None = None  #: [N, T] log pi_old of completion tokens, 0 on padding
+    old_logprobs: torch.Tensor | None = None  #: [N, T] log pi_old, set by callers that need it (never by an engine)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -71,14 +86,73 @@ class Rollouts:
 
 
 class RolloutEngine(ABC):
-    """Samples G completions for each prompt of a batch, in as few backend calls as the backend allows."""
+    """Samples G completions for each prompt of a batch, in as few backend calls as the backend allows.
+
+    Built by ``vlm_mig.rollout.make_engine``. The trainer calls ``sync_weights(policy)`` after each step's
+    optimizer updates, so the next ``generate`` samples from the updated policy.
+    """
 
     config: RolloutConfig
+    #: how many times ``sync_weights`` ran (the policy version the engine samples from, counted from construction)
+    synced_updates: int = 0
 
     @abstractmethod
     def generate(self, samples: list[Sample], seeds: list[int] | None = None) -> Rollouts:
         """Return ``len(samples) * G`` completions as one ``Rollouts`` batch; ``seeds`` (one per sample)
         make each completion reproducible on its own, whatever else the batch holds."""
+
+    def sync_weights(self, model: Any) -> None:
+        """Make later ``generate`` calls sample from ``model``'s current weights."""
+        self._push_weights(model)
+        self.synced_updates += 1
+
+    @abstractmethod
+    def _push_weights(self, model: Any) -> None:
+        """Copy ``model``'s weights into the backend (nothing to do for a backend that runs the policy module)."""
+
+
+def eos_and_pad(model: Any, processor: Any) -> tuple[list[int], int]:
+    """Stop tokens (the generation config's, plus the tokenizer's EOS) and the padding id."""
+    tok = tokenizer_of(processor)
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if tok.eos_token_id is not None and tok.eos_token_id not in eos:
+        eos.append(tok.eos_token_id)
+    return eos, tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """1 for every token up to and including the first EOS of each row (all ones if none)."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
+    seen_before = is_eos.long().cumsum(-1) - is_eos.long()  # EOS tokens strictly before each position
+    return (seen_before == 0).long()
+
+
+def assemble_rollouts(model: Any, processor: Any, samples: list[Sample], batch: PromptBatch, repeated: PromptBatch,
+                      completion: torch.Tensor, eos_ids: list[int], pad_id: int) -> Rollouts:
+    """The ``Rollouts`` of sampled ``completion`` ids ([N, T], rows in ``repeated``'s order): masks through the
+    first EOS, padding after it, texts and the full-sequence position ids. Every backend ends here, so what
+    flows downstream never depends on which one sampled."""
+    completion = completion.cpu()
+    mask = completion_mask(completion, eos_ids)
+    completion = completion.masked_fill(mask == 0, pad_id)
+    texts = tokenizer_of(processor).batch_decode([c[m.bool()] for c, m in zip(completion, mask)],
+                                                  skip_special_tokens=True)
+    G = completion.shape[0] // max(1, len(samples))
+    rollouts = Rollouts(
+        samples=list(samples),
+        prompts=batch,
+        group=torch.arange(len(samples)).repeat_interleave(G),
+        prompt_ids=repeated.input_ids.cpu(),
+        prompt_mask=repeated.attention_mask.cpu(),
+        completion_ids=completion,
+        completion_mask=mask,
+        texts=texts,
+    )
+    grid = repeated.image_grid_thw.cpu() if repeated.image_grid_thw is not None else None
+    rollouts.position_ids = rope_position_ids(model, torch.cat([rollouts.prompt_ids, completion], 1),
+                                              rollouts.attention_mask, rollouts.mm_token_type_ids, grid)
+    return rollouts
 
 
 def repeat_prompts(batch: PromptBatch, times: int) -> PromptBatch:

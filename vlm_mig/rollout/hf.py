@@ -8,20 +8,23 @@ import torch
 from transformers import LogitsProcessorList
 
 from vlm_mig.data.schema import Sample
-from vlm_mig.processing import PromptTemplate, encode_prompts, rope_position_ids, tokenizer_of
-from vlm_mig.rollout.base import RolloutConfig, RolloutEngine, Rollouts, repeat_prompts
+from vlm_mig.processing import PromptTemplate, encode_prompts
+from vlm_mig.rollout.base import (
+    RolloutConfig,
+    RolloutEngine,
+    Rollouts,
+    assemble_rollouts,
+    completion_mask,
+    eos_and_pad,
+    repeat_prompts,
+)
 from vlm_mig.rollout.sampling import SeededSampling, rollout_seed
 
-
-def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
-    """1 for every token up to and including the first EOS of each row (all ones if none)."""
-    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
-    seen_before = is_eos.long().cumsum(-1) - is_eos.long()  # EOS tokens strictly before each position
-    return (seen_before == 0).long()
+__all__ = ["HFRolloutEngine", "completion_mask"]
 
 
 class HFRolloutEngine(RolloutEngine):
-    """Sampling with ``model.generate`` on left-padded prompts; old log-probs from a teacher-forced fp32 pass."""
+    """Sampling with ``model.generate`` on left-padded prompts, from the policy module itself."""
 
     def __init__(self, model: Any, processor: Any, config: RolloutConfig | None = None,
                  template: PromptTemplate | None = None):
@@ -29,13 +32,12 @@ class HFRolloutEngine(RolloutEngine):
         self.processor = processor
         self.config = config or RolloutConfig()
         self.template = template or PromptTemplate()
-        tok = tokenizer_of(processor)
-        eos = model.generation_config.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        if tok.eos_token_id is not None and tok.eos_token_id not in eos:
-            eos.append(tok.eos_token_id)
-        self.eos_ids = eos
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+        self.eos_ids, self.pad_id = eos_and_pad(model, processor)
+
+    def _push_weights(self, model: Any) -> None:
+        # generate runs the policy module itself, so it always sees the newest weights.
+        if model is not self.model:
+            raise ValueError("HFRolloutEngine samples from the module it was built with; sync that module")
 
     @torch.no_grad()
     def generate(self, samples: list[Sample], seeds: list[int] | None = None) -> Rollouts:
@@ -70,31 +72,6 @@ class HFRolloutEngine(RolloutEngine):
             )
         finally:
             self.model.train(was_training)
-        P = repeated.input_ids.shape[1]
-        completion = out[:, P:].cpu()
-        mask = completion_mask(completion, self.eos_ids)
-        completion = completion.masked_fill(mask == 0, self.pad_id)
-        tok = tokenizer_of(self.processor)
-        texts = tok.batch_decode([c[m.bool()] for c, m in zip(completion, mask)], skip_special_tokens=True)
-        rollouts = Rollouts(
-            samples=list(samples),
-            prompts=batch,
-            group=torch.arange(len(samples)).repeat_interleave(cfg.num_generations),
-            prompt_ids=repeated.input_ids.cpu(),
-            prompt_mask=repeated.attention_mask.cpu(),
-            completion_ids=completion,
-            completion_mask=mask,
-            texts=texts,
-        )
-        grid = None
-        if batch.image_grid_thw is not None:
-            grid = repeated.image_grid_thw.cpu()
-        mm = rollouts.mm_token_type_ids
-        rollouts.position_ids = rope_position_ids(
-            self.model, torch.cat([rollouts.prompt_ids, completion], 1), rollouts.attention_mask, mm, grid
-        )
-        if cfg.compute_logprobs:
-            from vlm_mig.mig import teacher_forced_logprobs
-
-            rollouts.old_logprobs = teacher_forced_logprobs(self.model, rollouts)
-        return rollouts
+        completion = out[:, repeated.input_ids.shape[1]:]
+        return assemble_rollouts(self.model, self.processor, samples, batch, repeated, completion, self.eos_ids,
+                                 self.pad_id)
