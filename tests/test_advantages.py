@@ -150,3 +150,24 @@ def test_advantages_always_finite(batch, scale, credit):
     # each group's advantages sum to ~0 (a baseline, not a bias)
     sums = adv.seq_out.reshape(-1, g).sum(-1)
     assert torch.allclose(sums, torch.zeros_like(sums), atol=1e-3 * max(1.0, float(adv.seq_out.abs().max())))
+
+
+def test_within_group_credit_compares_rollouts_of_one_group_only() -> None:
+    from vlm_mig.advantages import within_group_credit
+
+    correct = torch.tensor([1, 0, 1, 0, 1, 1, 1, 1, 0, 1, 0, 0, 1, 0, 0, 0])
+    # g0: right 2.5 > wrong 0.5; g1: all right (not mixed); g2: right 0 < wrong 1; g3: a tie
+    r_proc = torch.tensor([2.0, 1, 3, 0, 5, 5, 5, 5, 1, 0, 1, 1, 1, 1, 1, 1])
+    a_out = torch.tensor([1.0, -1, 1, -1, 0, 0, 0, 0, -1, 3, -1, -1, 3, -1, -1, -1])
+    a_proc = torch.tensor([1.0, 0, 2, -1, 1, -1, 1, -1, 1, -3, 1, 1, 0, 0, 0, 0])
+    got = within_group_credit(correct, r_proc, a_out, a_proc, 4)
+    assert got["mixed_groups"] == 3
+    assert got["correct_higher"] == pytest.approx(1 / 3) and got["correct_lower"] == pytest.approx(1 / 3)
+    # g0: centred A_out (1,-1,1,-1), A_proc (.5,-.5,1.5,-1.5): 4 / (2 * sqrt 5); g2: exactly -1; g1, g3 constant
+    assert got["corr_groups"] == 2
+    assert got["corr"] == pytest.approx((4 / (2 * 5**0.5) - 1) / 2, abs=1e-6)
+    # Pooled across groups, right answers would look far better (mean R_proc 3.25 vs 0.875), because of the
+    # all-right group g1; within groups it is one group each way.
+    assert r_proc[correct == 1].mean() == 3.25 and r_proc[correct == 0].mean() == 0.875
+    none = within_group_credit(torch.ones(4), torch.ones(4), torch.zeros(4), torch.zeros(4), 4)
+    assert none["mixed_groups"] == 0 and math.isnan(none["correct_higher"]) and math.isnan(none["corr"])

@@ -58,3 +58,20 @@ def test_warmed_build_is_deterministic_and_loads_with_stock_classes(tmp_path) ->
 def test_text_model_has_no_vision_to_warm_up(tmp_path) -> None:
     with pytest.raises(ValueError, match="text-only"):
         build_tiny(tmp_path / "t", arch="qwen2", warmup=SMALL)
+
+
+def test_patch_embedding_as_matmul_equals_the_stock_conv(tiny_vl_dir) -> None:
+    from vlm_mig.warmup import patch_embedding_as_matmul
+
+    model = load_model(tiny_vl_dir)
+    proc = load_processor(tiny_vl_dir)
+    enc = proc.image_processor(images=[make_clevr_example(i, seed=1).image for i in range(3)], return_tensors="pt")
+    vision = model.model.visual
+    stock = vision(enc["pixel_values"], grid_thw=enc["image_grid_thw"]).pooler_output
+    with patch_embedding_as_matmul(vision):
+        fast = vision(enc["pixel_values"], grid_thw=enc["image_grid_thw"]).pooler_output
+        fast.sum().backward()
+    assert torch.allclose(fast, stock, atol=1e-5)
+    assert vision.patch_embed.proj.weight.grad is not None  # gradients reach the embedding's own weight
+    assert "forward" not in vars(vision.patch_embed)  # the stock forward is back
+    assert torch.equal(vision(enc["pixel_values"], grid_thw=enc["image_grid_thw"]).pooler_output, stock)

@@ -29,6 +29,7 @@ __all__ = [
     "group_normalize",
     "step_normalize",
     "token_advantages",
+    "within_group_credit",
     "zero_std_fraction",
 ]
 
@@ -249,3 +250,40 @@ def compute_advantages(
         zero_std_out=zero_std_fraction(r_out, group_size),
         zero_std_proc=zero_std_fraction(r_proc, group_size),
     )
+
+
+def within_group_credit(
+    correct: torch.Tensor, r_proc: torch.Tensor, a_out: torch.Tensor, a_proc: torch.Tensor, group_size: int
+) -> dict[str, float]:
+    """How the process reward relates to the outcome where the advantage looks: inside each group.
+
+    Pooling rollouts across prompts mixes easy and hard items (whose R_proc levels differ for reasons that
+    have nothing to do with the rollout), so every statistic here compares rollouts of the same group only.
+    ``correct`` [B] (1 for a right answer), ``r_proc``, ``a_out``, ``a_proc`` [B]. Returns:
+
+    * ``mixed_groups``: groups with at least one right and one wrong rollout;
+    * ``correct_higher`` / ``correct_lower``: the share of those groups where the right rollouts' mean R_proc
+      is above / below the wrong ones' (ties count in neither);
+    * ``corr_groups``: groups where both A_out and A_proc vary;
+    * ``corr``: the mean over those groups of the Pearson correlation of A_proc with A_out (NaN if none).
+    """
+    n_groups = _check_groups(correct.numel(), group_size)
+    c = correct.float().view(n_groups, group_size) > 0.5
+    rp = r_proc.float().view(n_groups, group_size)
+    mixed = c.any(-1) & (~c).any(-1)
+    right = torch.where(c, rp, 0.0).sum(-1) / c.sum(-1).clamp_min(1)
+    wrong = torch.where(~c, rp, 0.0).sum(-1) / (~c).sum(-1).clamp_min(1)
+    n_mixed = int(mixed.sum())
+    ao = a_out.float().view(n_groups, group_size)
+    ap = a_proc.float().view(n_groups, group_size)
+    ao, ap = ao - ao.mean(-1, keepdim=True), ap - ap.mean(-1, keepdim=True)
+    so, sp = ao.pow(2).sum(-1).sqrt(), ap.pow(2).sum(-1).sqrt()
+    varies = (so > 1e-12) & (sp > 1e-12)
+    corr = (ao * ap).sum(-1) / (so * sp).clamp_min(1e-12)
+    return {
+        "mixed_groups": float(n_mixed),
+        "correct_higher": float((mixed & (right > wrong)).sum()) / n_mixed if n_mixed else float("nan"),
+        "correct_lower": float((mixed & (right < wrong)).sum()) / n_mixed if n_mixed else float("nan"),
+        "corr_groups": float(varies.sum()),
+        "corr": float(corr[varies].mean()) if bool(varies.any()) else float("nan"),
+    }

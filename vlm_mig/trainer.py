@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from vlm_mig import checkpoint as ckpt
-from vlm_mig.advantages import compute_advantages, group_normalize, token_advantages
+from vlm_mig.advantages import compute_advantages, group_normalize, token_advantages, within_group_credit
 from vlm_mig.config import Config, ConfigError, save_config
 from vlm_mig.data.schema import DataError, Sample
 from vlm_mig.data.sources import load_source
@@ -426,6 +426,9 @@ class Trainer:
             "time/tokens_per_s": n_tokens / max(1e-9, sum(times.values())),
         }
         metrics.update(_average_diags(diags, cfg.trainer.num_iterations))
+        if need_mig:
+            credit = within_group_credit(acc, r_proc, adv.seq_out, adv.seq_proc, G)
+            metrics.update({f"credit/{k}": v for k, v in credit.items()})
         metrics = self._reduce_metrics(metrics)
         if self.is_main and self.cfg.trainer.sample_log_steps and self.step % self.cfg.trainer.sample_log_steps == 0:
             self.log.samples(self.step + 1, r, spans, l_pad, rew, r_proc)

@@ -22,8 +22,10 @@ initial head, the batch order and the thread count are all fixed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -107,6 +109,32 @@ def _features(model, pixel_values: torch.Tensor, grid: torch.Tensor) -> torch.Te
     return torch.stack(list(out.pooler_output))
 
 
+@contextlib.contextmanager
+def patch_embedding_as_matmul(vision: nn.Module) -> Iterator[None]:
+    """Run the vision tower's patch embedding as the matrix product it is, for the duration.
+
+    The stock embedding is a ``Conv3d`` whose kernel equals its stride and its input patch, i.e. one linear map
+    per patch; on the CPU its backward pass is the most expensive operation of a warm-up step (~30% of it), while
+    the same product through ``F.linear`` costs a few milliseconds. Same weights, same result (to float
+    rounding); the stock forward is restored on exit."""
+    embed = getattr(vision, "patch_embed", None)
+    proj = getattr(embed, "proj", None)
+    if not isinstance(proj, nn.Conv3d) or proj.kernel_size != proj.stride:
+        yield  # another architecture: keep its own forward
+        return
+
+    def forward(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        w = proj.weight
+        return nn.functional.linear(hidden_states.to(w.dtype).reshape(-1, w[0].numel()), w.reshape(w.shape[0], -1),
+                                    proj.bias)
+
+    embed.forward = forward
+    try:
+        yield
+    finally:
+        del embed.forward  # the instance attribute: the class's forward shows through again
+
+
 def count_accuracy(pred: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
     """Image-level count accuracy: per-cell predictions summed over the image, rounded, against the truth;
     by target group (total, shape, colour, size, material) and "all" (every count of an image right)."""
@@ -130,7 +158,8 @@ def warm_up_vision(model, processor, cfg: WarmupConfig | None = None, seed: int 
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _warm_up(model, processor, cfg, seed, image_size, progress)
+        with patch_embedding_as_matmul(model.model.visual):
+            return _warm_up(model, processor, cfg, seed, image_size, progress)
     finally:
         torch.set_num_threads(prev_threads)
 

@@ -660,6 +660,16 @@ def check_claims(text: str, objects: list[dict[str, Any]]) -> tuple[int, int]:
     return len(claims), right
 
 
+_LISTING = re.compile(r"^(I see \d+ [a-z ]+|Of these, \d+ (?:is|are) [a-z]+): .+\.$")
+
+
+def without_listing(step: str) -> str:
+    """A gold step without the objects it lists: "I see 2 cubes: a large red cube and a small gray cube."
+    -> "I see 2 cubes." (the count, which is what later steps use; the listing costs most of the tokens)."""
+    m = _LISTING.match(step)
+    return f"{m.group(1)}." if m else step
+
+
 # ------------------------------------------------------------------------------------- generation
 
 
@@ -676,11 +686,13 @@ def make_clevr_example(
     num_objects: int | tuple[int, int] = (1, 6),
     question_mix: dict[str, float] | str | None = None,
     questions_per_scene: int = 1,
+    list_objects: bool = True,
 ) -> ClevrExample:
     """Scene ``index`` of the set ``(seed, condition)``, rendered, with its question samples (in memory).
 
     Sample ids are ``<scene_id>_q<j>``; image paths are ``images/<scene_id>.png`` (relative to the
-    directory :func:`write_clevr` writes), and ``meta["scene"]`` is ``scenes/<scene_id>.json``.
+    directory :func:`write_clevr` writes), and ``meta["scene"]`` is ``scenes/<scene_id>.json``. With
+    ``list_objects=False`` the gold steps state counts without listing the objects (:func:`without_listing`).
     """
     if questions_per_scene < 1:
         raise DataError(f"questions_per_scene must be >= 1, got {questions_per_scene}")
@@ -706,7 +718,7 @@ def make_clevr_example(
                 task="count",
                 question=q.text,
                 images=[f"images/{stem}.png"],
-                gold_steps=list(q.steps),
+                gold_steps=list(q.steps) if list_objects else [without_listing(t) for t in q.steps],
                 meta=meta,
             )
         )
@@ -722,6 +734,7 @@ def write_clevr(
     num_objects: int | tuple[int, int] = (1, 6),
     question_mix: dict[str, float] | str | None = None,
     questions_per_scene: int = 1,
+    list_objects: bool = True,
 ) -> list[Sample]:
     """Write ``n`` scenes: ``out_dir/images/*.png``, ``out_dir/scenes/*.json`` and ``out_dir/data.jsonl``.
 
@@ -736,7 +749,7 @@ def write_clevr(
     samples: list[Sample] = []
     for index in range(n):
         ex = make_clevr_example(
-            index, seed, condition, image_size, num_objects, question_mix, questions_per_scene
+            index, seed, condition, image_size, num_objects, question_mix, questions_per_scene, list_objects
         )
         ex.image.save(out / ex.samples[0].images[0], format="PNG")
         (out / ex.samples[0].meta["scene"]).write_text(json.dumps(ex.scene_json, indent=1) + "\n")
