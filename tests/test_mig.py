@@ -70,12 +70,12 @@ def naive_completion_logprobs(model, processor, sample, completion):
     return logits[-T - 1 : -1].log_softmax(-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
 
 
-def _check_packed_equals_naive(model_dir, samples, completions, tmp_images=False):
+def _check_packed_equals_naive(model_dir, samples, completions, probe_text=DEFAULT_PROBE):
     torch.manual_seed(0)
     model = load_model(model_dir)
     processor = load_processor(model_dir)
     tok = tokenizer_of(processor)
-    probe = torch.tensor(tok.encode(DEFAULT_PROBE, add_special_tokens=False))
+    probe = torch.tensor(tok.encode(probe_text, add_special_tokens=False), dtype=torch.long)
     batch = encode_prompts(processor, samples)
     with torch.no_grad():
         prompts = prompt_rows(model, batch)
@@ -120,6 +120,15 @@ def test_packed_equals_naive_on_tiny_text_model(tiny_text_dir):
                Sample(id="u", question="2 * 3?", answer="6")]
     completions = [(["5 + 3 = 8.", "So Tom has 8 apples.", "Check: 8 - 3 = 5."], "8"), (["2 * 3 = 6."], "6")]
     _check_packed_equals_naive(tiny_text_dir, samples, completions)
+
+
+def test_empty_probe_scores_the_answer_right_after_each_prefix(tiny_text_dir):
+    # With no probe the first answer token is predicted by the last token of prefix k itself, not by
+    # whatever precedes the copy in the packed row (the completion's end, or the previous copy).
+    samples = [Sample(id="t", question="Tom has 5 apples and buys 3. How many?", answer="8", task="numeric",
+                      answer_variants=["8.0"])]
+    completions = [(["5 + 3 = 8.", "So Tom has 8 apples."], "8")]
+    _check_packed_equals_naive(tiny_text_dir, samples, completions, probe_text="")
 
 
 @pytest.mark.real_weights

@@ -125,14 +125,20 @@ def layout_row(row: ScoreRow, probe_ids: torch.Tensor) -> PackedLayout:
         nxt = int(base_pos[:, last].max()) + 1 if last >= 0 else 0
         for v in row.variants:
             v = v.cpu()
+            if v.numel() == 0:
+                raise ValueError("an answer variant has no tokens")
             seq = torch.cat([probe_ids, v])
             n = seq.numel()
             ids.append(seq)
             pos.append(torch.arange(nxt, nxt + n).unsqueeze(0).expand(pp.shape[0], n))
             vis.append(torch.full((n,), last, dtype=torch.long))
             cid.append(torch.full((n,), copy, dtype=torch.long))
-            # Answer token j is predicted by the copy token before it (the last probe token for j = 0).
-            ans_src.append(offset + n_probe - 1 + torch.arange(v.numel()))
+            # Answer token j is predicted by the copy token before it. For j = 0 that is the last probe
+            # token; with no probe it is the last token of prefix k, whose base state sees exactly prefix k.
+            first = offset + n_probe - 1 if n_probe else last
+            if first < 0:
+                raise ValueError("an empty probe after an empty prefix: nothing predicts the first answer token")
+            ans_src.append(torch.cat([torch.tensor([first]), offset + n_probe + torch.arange(v.numel() - 1)]))
             ans_tgt.append(v)
             ans_copy.append(torch.full((v.numel(),), copy, dtype=torch.long))
             offset += n
