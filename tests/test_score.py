@@ -103,3 +103,11 @@ def test_probe_and_answer_are_tokenized_as_one_text(tiny_text_dir):
 def test_latex_answer_tokenized_with_the_probe_on_smollm2(smollm2_dir):
     # SmolLM2 merges the probe's ">" with a LaTeX answer's leading backslash: <, answer, >\, frac.
     _check_joint_tokenization(smollm2_dir, "</think>\n<answer>", "\\frac{1}{2}", ">\\")
+
+
+def test_score_cli_rejects_a_negative_min_gain(tiny_text_dir, tmp_path, capsys):
+    data = _write(tmp_path / "in.jsonl", [{"question": "q", "completion": "c", "answer": "1"}])
+    args = ["score", "--model", str(tiny_text_dir), "--data", str(data), "--out", str(tmp_path / "o")]
+    assert main([*args, "--min-gain", "-1"]) == 2
+    assert "min_gain must be >= 0" in capsys.readouterr().err
+    assert main([*args, "--answer-score", "digits", "--l0-context", "opener", "--no-watermark"]) == 0
