@@ -6,8 +6,8 @@ rollouts (temperature 1, 112 new tokens, seeded) are scored like the trainer sco
 ``pi_old`` = the sampling model), in fp32 and again under bf16 autocast (CPU) for the scoring noise.
 Reported:
 
-- mean ``l_0`` by gold answer, with ``l_0`` scored after the empty ``<think>`` (SPEC) and after the neutral
-  opener (``mig.l0_context: opener``), and the share of all gain the first step earns under each;
+- mean ``l_0`` by gold answer, with ``l_0`` scored after the empty ``<think>`` (SPEC) and after each opener of
+  ``--l0-openers`` (``mig.l0_context: opener``), and the share of all gain the first step earns under each;
 - the spread (max - min) of ``R_proc`` within each group: how many groups fall under 0.01 / 0.05 / 0.1 /
   0.2 nats and the ``|A_proc|`` that group normalisation gives them;
 - bf16 (autocast over fp32 weights, as the GPU recipes run; and bf16 weights) against fp32: ``|delta l_k|``,
@@ -37,7 +37,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from vlm_mig.prompts import DEFAULT_L0_OPENER  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
+#: A content-free first step in the SPEC format: the other l_0 opener compared.
+STEP_OPENER = "\n### Step 1: Let me think.\n"
 SPREADS = (0.01, 0.05, 0.1, 0.2)  # the noise floors reported (nats)
 
 
@@ -80,7 +84,7 @@ def rollouts_and_rows(model, processor, sizes: Sizes, seed: int, work_dir: Path)
     from vlm_mig.data.sources import load_source
     from vlm_mig.mig import encode_answers, rollout_rows
     from vlm_mig.processing import PromptTemplate, tokenizer_of
-    from vlm_mig.prompts import DEFAULT_L0_OPENER, DEFAULT_PROBE, SYSTEM_PROMPT
+    from vlm_mig.prompts import DEFAULT_PROBE, SYSTEM_PROMPT
     from vlm_mig.rewards import RewardSpec, compute_rewards
     from vlm_mig.rollout import HFRolloutEngine
     from vlm_mig.rollout.base import RolloutConfig
@@ -104,34 +108,41 @@ def rollouts_and_rows(model, processor, sizes: Sizes, seed: int, work_dir: Path)
                               answer=[r.sample_of(i).variants for i in range(len(r.texts))],
                               task=[r.sample_of(i).task for i in range(len(r.texts))])
         cuts = [sp.prefix_ends if sp.think else [] for sp in spans]
-        per_group = {g: encode_answers(tok, s.variants, DEFAULT_PROBE, DEFAULT_L0_OPENER)
-                     for g, s in enumerate(r.samples)}
+        per_group = {g: encode_answers(tok, s.variants, DEFAULT_PROBE) for g, s in enumerate(r.samples)}
         with torch.no_grad():
             rows = rollout_rows(model, r, cuts, [per_group[int(g)] for g in r.group])
-        gold = [r.sample_of(i).answer for i in range(len(r.texts))]
+        gold = [r.sample_of(i) for i in range(len(r.texts))]
         batches.append((rows, gold, [int(v or 0) for v in rew.components["accuracy"]]))
     return samples, batches
 
 
-def score_all(model, rows, precision: str) -> tuple[list[torch.Tensor], list[float | None]]:
-    """l_k of every row (l_0 after the empty think) and l_0 after the opener, in one precision: fp32,
-    bf16 autocast over fp32 weights (the GPU recipes' ``trainer.bf16``), or bf16 weights."""
-    from vlm_mig.mig import first_copy_rows, score_rows
+def score_all(model, rows, precision: str) -> list[torch.Tensor]:
+    """l_k of every row (l_0 after the empty think) in one precision: fp32, bf16 autocast over fp32 weights
+    (the GPU recipes' ``trainer.bf16``), or bf16 weights."""
+    from vlm_mig.mig import score_rows
 
     if precision == "bf16_weights":
         model = copy.deepcopy(model).to(torch.bfloat16)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16_autocast")
+        rows = [r if r.image_embeds is None else replace(r, image_embeds=r.image_embeds.to(torch.bfloat16))
+                for r in rows]
     probe = torch.zeros(0, dtype=torch.long)  # every copy's probe comes with its answer (encode_answers)
-    empty = [replace(r, l0_probes=None, image_embeds=None if r.image_embeds is None else
-                     r.image_embeds.to(next(model.parameters()).dtype)) for r in rows]
-    with torch.no_grad(), ctx:
-        scores = score_rows(model, empty, probe)
-        scored = [i for i, r in enumerate(rows) if r.cuts]
-        opener = score_rows(model, first_copy_rows([rows[i] for i in scored]), probe)
-    l0_opener: list[float | None] = [None] * len(rows)
-    for i, s in zip(scored, opener):
-        l0_opener[i] = float(s.l[0])
-    return [s.l.float().cpu() for s in scores], l0_opener
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16_autocast"):
+        return [s.l.float().cpu() for s in score_rows(model, rows, probe)]
+
+
+def l0_after(model, tok, rows, samples, opener: str) -> list[float | None]:
+    """l_0 of each row scored after ``<think>`` + ``opener`` (fp32, copy 0 alone)."""
+    from vlm_mig.mig import encode_answers, first_copy_rows, score_rows
+    from vlm_mig.prompts import DEFAULT_PROBE
+
+    scored = [i for i, r in enumerate(rows) if r.cuts]
+    alt = [replace(rows[i], l0_probes=encode_answers(tok, samples[i].variants, DEFAULT_PROBE, opener)["l0_probes"])
+           for i in scored]
+    out: list[float | None] = [None] * len(rows)
+    with torch.no_grad():
+        for i, s in zip(scored, score_rows(model, first_copy_rows(alt), torch.zeros(0, dtype=torch.long))):
+            out[i] = float(s.l[0])
+    return out
 
 
 def group_stats(r_proc: np.ndarray, G: int) -> dict:
@@ -159,6 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work-dir", default=str(ROOT / "runs" / "mig_signal"))
     ap.add_argument("--json", help="write every number here")
+    ap.add_argument("--l0-openers", nargs="+", default=[DEFAULT_L0_OPENER, STEP_OPENER],
+                    help="openers l_0 is also scored after (mig.l0_opener), compared with the empty think")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else FULL
@@ -166,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from vlm_mig.mig import step_gains
     from vlm_mig.models import load_model, load_processor
+    from vlm_mig.processing import tokenizer_of
 
     ckpt, train_s = train_sft(sizes, args.seed, Path(args.work_dir), args.threads)
     model, processor = load_model(ckpt), load_processor(ckpt)
@@ -174,11 +188,13 @@ def main(argv: list[str] | None = None) -> dict:
     _, batches = rollouts_and_rows(model, processor, sizes, args.seed, Path(args.work_dir))
     gen_s = time.perf_counter() - t0
     rows = [r for b in batches for r in b[0]]
-    gold = [g for b in batches for g in b[1]]
+    samples = [g for b in batches for g in b[1]]
+    gold = [s.answer for s in samples]
     acc = [a for b in batches for a in b[2]]
     t0 = time.perf_counter()
-    l32, l0_open32 = score_all(model, rows, "fp32")
-    low = {p: score_all(model, rows, p)[0] for p in ("bf16_autocast", "bf16_weights")}
+    l32 = score_all(model, rows, "fp32")
+    l0_open = {o: l0_after(model, tokenizer_of(processor), rows, samples, o) for o in args.l0_openers}
+    low = {p: score_all(model, rows, p) for p in ("bf16_autocast", "bf16_weights")}
     score_s = time.perf_counter() - t0
     G = sizes.generations
 
@@ -198,7 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
                  "accuracy": float(np.mean(acc)), "timing": {"sft_s": train_s, "generate_s": round(gen_s, 1),
                                                              "score_s": round(score_s, 1)}}
     has = [i for i, l in enumerate(l32) if l.numel() > 1]
-    for name, l0 in (("empty_think", None), ("opener", l0_open32)):
+    contexts = {"empty_think": None, **{f"opener {o!r}": v for o, v in l0_open.items()}}
+    res["contexts"] = list(contexts)
+    for name, l0 in contexts.items():
         r_proc, first = proc(l32, l0)
         l0s = [float(l32[i][0]) if l0 is None else l0[i] for i in has]
         by_gold = {}
@@ -246,7 +264,7 @@ def print_tables(res: dict) -> None:
     golds = list(res["empty_think"]["mean_l0_by_gold"])
     print("\n| l_0 scored after | " + " | ".join(f"gold {g}" for g in golds) + " | first step's share of all gain |")
     print("|---|" + "---|" * (len(golds) + 1))
-    for name in ("empty_think", "opener"):
+    for name in res["contexts"]:
         r = res[name]
         share = "-" if r["first_step_gain_share"] is None else f"{r['first_step_gain_share']:.2f}"
         cells = [f"{r['mean_l0_by_gold'][g]['mean_l0']:.2f} (n={r['mean_l0_by_gold'][g]['n']})" for g in golds]

@@ -46,6 +46,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from vlm_mig.prompts import DEFAULT_L0_OPENER  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 LABEL_CODE = {"correct": 2, "redundant": 1, "wrong": 0}  # the true order of step value
 #: Step scores compared side by side: name -> (mig.l0_context, mig.answer_score, mig.watermark, mig.min_gain).
@@ -276,8 +278,8 @@ def run_synthetic(args, sizes: Sizes, train: dict) -> tuple[dict, list, list]:
     for step, ckpt in sorted(train["checkpoints"].items(), key=lambda kv: -int(kv[0])):  # final first
         model, tok = load_model(ckpt), load_processor(ckpt)
         t0 = time.perf_counter()
-        scored_k = score_samples(model, tok, samples, ScoreConfig(batch_size=16, compare_options=True),
-                                 progress=False)
+        scored_k = score_samples(model, tok, samples, ScoreConfig(batch_size=16, compare_options=True,
+                                                                  l0_opener=args.l0_opener), progress=False)
         score_s += time.perf_counter() - t0
         tab = step_table(scored_k, meta, answers)
         t0 = time.perf_counter()
@@ -358,7 +360,8 @@ def run_gsm8k(args, sizes: Sizes) -> tuple[dict, list]:
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].question) + len(samples[i].meta["completion"]))
     scored = [None] * len(samples)
     for i, r in zip(order, score_samples(model, tok, [samples[i] for i in order],
-                                         ScoreConfig(batch_size=8, compare_options=True), progress=False)):
+                                         ScoreConfig(batch_size=8, compare_options=True, l0_opener=args.l0_opener),
+                                         progress=False)):
         scored[i] = r
     score_s = time.perf_counter() - t0
     rows = []
@@ -595,6 +598,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                     "with --quick)")
     ap.add_argument("--skip-gsm8k", action="store_true", help="only the synthetic part")
     ap.add_argument("--json", help="write every number (and the per-problem GSM8K rows) here")
+    ap.add_argument("--l0-opener", default=DEFAULT_L0_OPENER, help="the opener of the 'l_0 after the opener' row")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else FULL
