@@ -577,8 +577,8 @@ def print_tables(train: dict, syn: dict, gsm: dict) -> None:
         lj = fmt_ci(v["l_j gold higher"], 2) if "l_j gold higher" in v else "-"
         print(f"| {name} | {v['n']} | {fmt_ci(v['l_K gold higher'], 2)} | {fmt_ci(v['R_proc gold higher'], 2)} | "
               f"{gj} | {lj} |")
-    print("\n| GSM8K, option | l_K gold higher (all) | R_proc gold higher (all / earlier / last) | g_j gold higher "
-          "(all) |")
+    print("\n| GSM8K, option | l_K gold higher (all) | R_proc gold higher (" + " / ".join(gsm["rows"])
+          + ") | g_j gold higher (all) |")
     print("|---|---|---|---|")
     for o in OPTIONS:
         cells = [gsm["rows"][n]["options"][o]["R_proc gold higher"] for n in gsm["rows"]]

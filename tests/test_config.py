@@ -52,6 +52,7 @@ def test_defaults_equal_spec():
     assert (adv.eps, adv.scale, adv.process_credit) == (1e-4, "group", "trajectory")
     assert (mig.probe, mig.max_steps, mig.min_step_chars) == ("</think>\n<answer>", 16, 8)
     assert (mig.l0_context, mig.answer_score, mig.watermark) == ("empty_think", "mean", True)
+    assert (mig.min_gain, mig.min_spread, mig.l0_opener) == (0.0, 0.0, "\n")
     assert adv.process_mask == "cot" and loss.sft_gates == "both"
     assert (cfg.reward.accuracy_weight, cfg.reward.format_weight) == (1.0, 1.0)
     assert cfg.reward.fallback_extraction is False  # untagged answers earn nothing by default
