@@ -110,7 +110,8 @@ def bench_model(name: str, model_dir, samples: list[Sample], ks: list[int], repe
         results.append(res)
         print(f"{name:14s} K={k:2d}  plain {t_plain * 1e3:7.1f} ms (HF logits {t_hf * 1e3:7.1f})  packed "
               f"{t_packed * 1e3:7.1f} ms  naive {t_naive * 1e3:8.1f} ms  packed/plain {res['packed_over_plain']:.2f} "
-              f"(vs HF logits {res['packed_over_plain_hf']:.2f})  naive/packed {res['naive_over_packed']:.2f}", flush=True)
+              f"(vs HF logits {res['packed_over_plain_hf']:.2f})  naive/packed {res['naive_over_packed']:.2f}",
+              flush=True)
     return results
 
 

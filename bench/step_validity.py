@@ -46,8 +46,21 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from vlm_mig.prompts import DEFAULT_L0_OPENER  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 LABEL_CODE = {"correct": 2, "redundant": 1, "wrong": 0}  # the true order of step value
+#: Step scores compared side by side: name -> (mig.l0_context, mig.answer_score, mig.watermark, mig.min_gain).
+#: The first is the SPEC default; each other changes one option.
+OPTIONS = {
+    "MIG g_k": ("empty_think", "mean", True, 0.0),
+    "raw l_k - l_{k-1}": ("empty_think", "mean", False, 0.0),
+    "MIG, l_0 after the opener": ("opener", "mean", True, 0.0),
+    "MIG, answer sum": ("empty_think", "sum", True, 0.0),
+    "MIG, answer digits": ("empty_think", "digits", True, 0.0),
+    "MIG, min_gain 0.05": ("empty_think", "mean", True, 0.05),
+}
+LAST_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?=[^\d]*$)")
 
 
 @dataclass(frozen=True)
@@ -174,14 +187,30 @@ def synthetic_samples(n: int, seed: int):
     return samples, meta
 
 
-def step_table(scored: list[dict], meta: list[dict]) -> dict[str, np.ndarray]:
-    """One row per step: problem, variant, k, K, label, after-propagated-error flag, g_k, l_k - l_{k-1}, k/K."""
-    cols: dict[str, list] = {c: [] for c in ("problem", "variant", "k", "K", "label", "downstream", "g", "d", "pos")}
-    for row, m in zip(scored, meta):
+def option_scores(row: dict, option: tuple) -> np.ndarray:
+    """``l_0..l_K`` of a ``score_samples`` row (scored with ``compare_options``) under one option."""
+    ctx, mode = option[0], option[1]
+    return np.asarray([row["l0_by_context"][ctx][mode], *row["l_by_answer_score"][mode][1:]], dtype=np.float64)
+
+
+def option_gains(row: dict, option: tuple) -> np.ndarray:
+    from vlm_mig.mig import step_gains
+
+    return step_gains(torch.tensor(option_scores(row, option)), use_watermark=option[2], min_gain=option[3]).numpy()
+
+
+def step_table(scored: list[dict], meta: list[dict], answers: list[str]) -> dict[str, np.ndarray]:
+    """One row per step: problem, variant, k, K, label, after-propagated-error flag, the gain under every
+    option of ``OPTIONS`` (column ``g:<name>``), k/K, and whether the number the step ends on shares its
+    first digit with the gold answer."""
+    cols: dict[str, list] = {c: [] for c in ("problem", "variant", "k", "K", "label", "downstream", "pos",
+                                             "first_digit")}
+    cols.update({f"g:{name}": [] for name in OPTIONS})
+    for row, m, gold in zip(scored, meta, answers):
         K = len(m["labels"])
         if len(row["steps"]) != K:
             raise RuntimeError(f"{row['id']}: segmented into {len(row['steps'])} steps, expected {K}")
-        l = np.asarray(row["l"], dtype=np.float64)
+        gains = {name: option_gains(row, opt) for name, opt in OPTIONS.items()}
         for k in range(1, K + 1):
             cols["problem"].append(m["problem"])
             cols["variant"].append(m["variant"])
@@ -189,16 +218,20 @@ def step_table(scored: list[dict], meta: list[dict]) -> dict[str, np.ndarray]:
             cols["K"].append(K)
             cols["label"].append(m["labels"][k - 1])
             cols["downstream"].append(m["variant"] == "wrong_propagated" and k - 1 > m["error_at"])
-            cols["g"].append(row["gains"][k - 1])
-            cols["d"].append(l[k] - l[k - 1])
             cols["pos"].append(k / K)
+            stated = LAST_NUMBER.search(row["steps"][k - 1])
+            cols["first_digit"].append(bool(stated) and stated.group(0).lstrip("-")[:1] == gold.lstrip("-")[:1])
+            for name in OPTIONS:
+                cols[f"g:{name}"].append(gains[name][k - 1])
     return {c: np.asarray(v) for c, v in cols.items()}
 
 
 def synthetic_metrics(tab: dict[str, np.ndarray], n_boot: int, seed: int) -> dict:
     y = np.array([LABEL_CODE[s] for s in tab["label"]])
     is_correct = tab["label"] == "correct"
-    scores = {"MIG g_k": tab["g"], "raw l_k - l_{k-1}": tab["d"], "position k/K": tab["pos"]}
+    scores = {name: tab[f"g:{name}"] for name in OPTIONS}
+    scores["position k/K"] = tab["pos"]
+    scores["MIG 1[g_k > 0]"] = (tab["g:MIG g_k"] > 0).astype(float)
     out = {"n_steps": int(len(y)), "n_problems": int(len(np.unique(tab["problem"]))),
            "label_counts": {lab: int((tab["label"] == lab).sum()) for lab in LABEL_CODE}, "rows": {}}
     for name, s in scores.items():
@@ -206,25 +239,30 @@ def synthetic_metrics(tab: dict[str, np.ndarray], n_boot: int, seed: int) -> dic
             "spearman": bootstrap(tab["problem"], lambda ix, s=s: spearman(s[ix], y[ix]), n_boot, seed),
             "auc": bootstrap(tab["problem"], lambda ix, s=s: auc(s[ix], is_correct[ix]), n_boot, seed),
         }
-    gpos = (tab["g"] > 0).astype(float)
-    out["rows"]["MIG 1[g_k > 0]"] = {
-        "spearman": bootstrap(tab["problem"], lambda ix: spearman(gpos[ix], y[ix]), n_boot, seed),
-        "auc": bootstrap(tab["problem"], lambda ix: auc(gpos[ix], is_correct[ix]), n_boot, seed),
-    }
     by = {}
+    last = tab["k"] == tab["K"]
+    wrong = tab["label"] == "wrong"
     groups = {"correct": is_correct & ~tab["downstream"],
               "correct, after a propagated error": is_correct & tab["downstream"],
-              "redundant": tab["label"] == "redundant", "wrong": tab["label"] == "wrong",
-              "correct, not last": is_correct & ~tab["downstream"] & (tab["k"] < tab["K"]),
-              "correct, last step": is_correct & ~tab["downstream"] & (tab["k"] == tab["K"]),
-              "wrong, not last": (tab["label"] == "wrong") & (tab["k"] < tab["K"]),
-              "wrong, last step (states a wrong answer)": (tab["label"] == "wrong") & (tab["k"] == tab["K"])}
+              "redundant": tab["label"] == "redundant", "wrong": wrong,
+              "correct, not last": is_correct & ~tab["downstream"] & ~last,
+              "correct, last step": is_correct & ~tab["downstream"] & last,
+              "wrong, not last": wrong & ~last,
+              "wrong, last step (states a wrong answer)": wrong & last,
+              "wrong last step, same first digit as the gold": wrong & last & tab["first_digit"],
+              "wrong last step, another first digit": wrong & last & ~tab["first_digit"]}
     for name, mask in groups.items():
-        by[name] = {"n": int(mask.sum()), "mean_g": float(tab["g"][mask].mean()) if mask.any() else float("nan"),
-                    "frac_g_pos": float((tab["g"][mask] > 0).mean()) if mask.any() else float("nan"),
-                    "mean_d": float(tab["d"][mask].mean()) if mask.any() else float("nan"),
-                    "frac_d_pos": float((tab["d"][mask] > 0).mean()) if mask.any() else float("nan")}
+        by[name] = {"n": int(mask.sum())}
+        for opt in OPTIONS:
+            g = tab[f"g:{opt}"][mask]
+            by[name][opt] = {"mean": float(g.mean()) if mask.any() else float("nan"),
+                             "frac_pos": float((g > 0).mean()) if mask.any() else float("nan")}
     out["by_label"] = by
+    # The share of all (positive) gain that the first step earns, on the correct solutions.
+    first = (tab["k"] == 1) & (tab["variant"] == "correct")
+    sol = tab["variant"] == "correct"
+    out["first_step_share"] = {opt: float(tab[f"g:{opt}"][first].clip(0).sum() / max(1e-12,
+                                          tab[f"g:{opt}"][sol].clip(0).sum())) for opt in OPTIONS}
     return out
 
 
@@ -234,18 +272,21 @@ def run_synthetic(args, sizes: Sizes, train: dict) -> tuple[dict, list, list]:
     from vlm_mig.score import ScoreConfig, score_samples
 
     samples, meta = synthetic_samples(sizes.n_problems, args.seed)
+    answers = [s.answer for s in samples]
     res: dict = {"by_checkpoint": {}}
     score_s = boot_s = 0.0
     for step, ckpt in sorted(train["checkpoints"].items(), key=lambda kv: -int(kv[0])):  # final first
         model, tok = load_model(ckpt), load_processor(ckpt)
         t0 = time.perf_counter()
-        scored_k = score_samples(model, tok, samples, ScoreConfig(batch_size=16), progress=False)
+        scored_k = score_samples(model, tok, samples, ScoreConfig(batch_size=16, compare_options=True,
+                                                                  l0_opener=args.l0_opener), progress=False)
         score_s += time.perf_counter() - t0
-        tab = step_table(scored_k, meta)
+        tab = step_table(scored_k, meta, answers)
         t0 = time.perf_counter()
         m = synthetic_metrics(tab, sizes.n_boot, args.seed)
         boot_s += time.perf_counter() - t0
-        res["by_checkpoint"][int(step)] = {k: v for k, v in m["rows"].items() if k != "position k/K"}
+        res["by_checkpoint"][int(step)] = {**{k: v for k, v in m["rows"].items() if k != "position k/K"},
+                                           "first_step_share": m["first_step_share"]}
         if int(step) == sizes.sft_steps:
             scored = scored_k
             res["all steps (library labels)"] = m
@@ -318,7 +359,8 @@ def run_gsm8k(args, sizes: Sizes) -> tuple[dict, list]:
     # Similar lengths in a batch waste less padding (batching moves a score only by float rounding).
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].question) + len(samples[i].meta["completion"]))
     scored = [None] * len(samples)
-    for i, r in zip(order, score_samples(model, tok, [samples[i] for i in order], ScoreConfig(batch_size=8),
+    for i, r in zip(order, score_samples(model, tok, [samples[i] for i in order],
+                                         ScoreConfig(batch_size=8, compare_options=True, l0_opener=args.l0_opener),
                                          progress=False)):
         scored[i] = r
     score_s = time.perf_counter() - t0
@@ -327,12 +369,21 @@ def run_gsm8k(args, sizes: Sizes) -> tuple[dict, list]:
         lg, lb = np.asarray(gold["l"]), np.asarray(bad["l"])
         j = p["corrupted_step"]
         aligned = len(gold["steps"]) == len(bad["steps"]) == p["K"]  # one segment per line (no merges)
-        rows.append({**p, "aligned": aligned, "l_gold": gold["l"], "l_corrupted": bad["l"],
-                     "lK_gold": float(lg[-1]), "lK_corrupted": float(lb[-1]),
-                     "R_gold": gold["process_reward"], "R_corrupted": bad["process_reward"],
-                     "g_j_gold": gold["gains"][j - 1] if aligned else None,
-                     "g_j_corrupted": bad["gains"][j - 1] if aligned else None,
-                     "l_j_gold": float(lg[j]) if aligned else None, "l_j_corrupted": float(lb[j]) if aligned else None})
+        row = {**p, "aligned": aligned, "l_gold": gold["l"], "l_corrupted": bad["l"],
+               "lK_gold": float(lg[-1]), "lK_corrupted": float(lb[-1]),
+               "R_gold": gold["process_reward"], "R_corrupted": bad["process_reward"],
+               "g_j_gold": gold["gains"][j - 1] if aligned else None,
+               "g_j_corrupted": bad["gains"][j - 1] if aligned else None,
+               "l_j_gold": float(lg[j]) if aligned else None, "l_j_corrupted": float(lb[j]) if aligned else None,
+               "options": {}}
+        for name, opt in OPTIONS.items():
+            gg, gb = option_gains(gold, opt), option_gains(bad, opt)
+            row["options"][name] = {"R_gold": float(gg.sum()), "R_corrupted": float(gb.sum()),
+                                    "lK_gold": float(option_scores(gold, opt)[-1]),
+                                    "lK_corrupted": float(option_scores(bad, opt)[-1]),
+                                    "g_j_gold": float(gg[j - 1]) if aligned else None,
+                                    "g_j_corrupted": float(gb[j - 1]) if aligned else None}
+        rows.append(row)
 
     def win(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return (a > b) + 0.5 * (a == b)
@@ -361,6 +412,18 @@ def run_gsm8k(args, sizes: Sizes) -> tuple[dict, list]:
                                                     args.seed)
         entry["mean l_K gold - corrupted"] = float(np.mean([rows[i]["lK_gold"] - rows[i]["lK_corrupted"]
                                                             for i in ix_all]))
+        entry["options"] = {}
+        for opt in OPTIONS:
+            o = {}
+            for key, ix_sub in (("R_proc", ix_all), ("l_K", ix_all), ("g_j", ix_j)):
+                if not len(ix_sub):
+                    continue
+                stem = "R" if key == "R_proc" else "lK" if key == "l_K" else "g_j"
+                w = win(np.array([rows[i]["options"][opt][f"{stem}_gold"] for i in ix_sub]),
+                        np.array([rows[i]["options"][opt][f"{stem}_corrupted"] for i in ix_sub]))
+                o[f"{key} gold higher"] = bootstrap(groups[ix_sub], lambda ix, w=w: w[ix].mean(), sizes.n_boot,
+                                                    args.seed)
+            entry["options"][opt] = o
         res["rows"][name] = entry
     return res, rows
 
@@ -435,8 +498,8 @@ def plot_synthetic(scored: list, meta: list, res: dict, path: Path) -> None:
              "correct, not last": "correct,\nnot last", "correct, last step": "correct,\nlast step",
              "wrong, not last": "wrong,\nnot last"}
     x = np.arange(len(names))
-    b.bar(x - 0.2, [by[n]["frac_g_pos"] for n in names], 0.4, label="fraction g_k > 0")
-    b.bar(x + 0.2, [by[n]["frac_d_pos"] for n in names], 0.4, label="fraction l_k - l_{k-1} > 0")
+    b.bar(x - 0.2, [by[n]["MIG g_k"]["frac_pos"] for n in names], 0.4, label="fraction g_k > 0")
+    b.bar(x + 0.2, [by[n]["raw l_k - l_{k-1}"]["frac_pos"] for n in names], 0.4, label="fraction l_k - l_{k-1} > 0")
     b.set_xticks(x, [f"{short.get(n, n)}\n(n={by[n]['n']})" for n in names], fontsize=7)
     b.set_ylim(0, 1)
     b.set_title("which steps get credit")
@@ -463,17 +526,46 @@ def print_tables(train: dict, syn: dict, gsm: dict) -> None:
         print("|---|---|---|")
         for score, v in r["rows"].items():
             print(f"| {score} | {fmt_ci(v['spearman'])} | {fmt_ci(v['auc'])} |")
-    print("\n| steps | n | mean g_k | g_k > 0 | mean l_k - l_{k-1} | l_k - l_{k-1} > 0 |")
-    print("|---|---|---|---|---|---|")
-    for name, v in syn["all steps (library labels)"]["by_label"].items():
-        print(f"| {name} | {v['n']} | {v['mean_g']:.3f} | {v['frac_g_pos']:.2f} | {v['mean_d']:+.3f} | "
-              f"{v['frac_d_pos']:.2f} |")
-    print("\n| SFT steps | Spearman MIG g_k | Spearman l_k - l_{k-1} | AUC MIG g_k | AUC l_k - l_{k-1} |")
+    by = syn["all steps (library labels)"]["by_label"]
+    print("\nFraction of steps with a gain > 0 (mean gain), by step label:")
+    print("| steps | n | " + " | ".join(OPTIONS) + " |")
+    print("|---|---|" + "---|" * len(OPTIONS))
+    for name, v in by.items():
+        print(f"| {name} | {v['n']} | " + " | ".join(f"{v[o]['frac_pos']:.2f} ({v[o]['mean']:+.2f})" for o in OPTIONS)
+              + " |")
+    share = syn["all steps (library labels)"]["first_step_share"]
+    print("\nFirst step's share of all gain on the correct solutions: "
+          + ", ".join(f"{o}: {v:.2f}" for o, v in share.items()))
+    print("\n| SFT steps | " + " | ".join(f"Spearman {o}" for o in ("MIG g_k", "raw l_k - l_{k-1}",
+                                                                     "MIG, l_0 after the opener"))
+          + " | first step's share (SPEC / opener) |")
     print("|---|---|---|---|---|")
     for step, v in sorted(syn["by_checkpoint"].items()):
-        g, d = v["MIG g_k"], v["raw l_k - l_{k-1}"]
-        print(f"| {step} | {fmt_ci(g['spearman'])} | {fmt_ci(d['spearman'])} | {fmt_ci(g['auc'])} | "
-              f"{fmt_ci(d['auc'])} |")
+        fs = v["first_step_share"]
+        print(f"| {step} | {fmt_ci(v['MIG g_k']['spearman'])} | {fmt_ci(v['raw l_k - l_{k-1}']['spearman'])} | "
+              f"{fmt_ci(v['MIG, l_0 after the opener']['spearman'])} | {fs['MIG g_k']:.2f} / "
+              f"{fs['MIG, l_0 after the opener']:.2f} |")
+    print("\n### Side by side (README): synthetic all steps; steps before the last; wrong last steps")
+    print("| step score | Spearman vs label | AUC correct vs rest | Spearman, steps before the last | wrong last "
+          "step g > 0: same first digit / other | GSM8K R_proc gold higher: all / earlier line corrupted |")
+    print("|---|---|---|---|---|---|")
+    alls, before = syn["all steps (library labels)"]["rows"], syn["only the steps before the last one"]["rows"]
+    for o in (*OPTIONS, "position k/K"):
+        if o in OPTIONS:
+            same = by["wrong last step, same first digit as the gold"][o]["frac_pos"]
+            other = by["wrong last step, another first digit"][o]["frac_pos"]
+            digit = f"{same:.2f} / {other:.2f}"
+        else:
+            digit = "-"
+        g = "-"
+        if "skipped" not in gsm and o in OPTIONS:
+            rows = gsm["rows"]
+            earlier = rows.get("corrupted step is earlier", {}).get("options", {}).get(o, {})
+            g = f"{fmt_ci(rows['all']['options'][o]['R_proc gold higher'], 2)}"
+            if earlier:
+                g += f" / {fmt_ci(earlier['R_proc gold higher'], 2)}"
+        print(f"| {o} | {fmt_ci(alls[o]['spearman'])} | {fmt_ci(alls[o]['auc'])} | {fmt_ci(before[o]['spearman'])} "
+              f"| {digit} | {g} |")
     if "skipped" in gsm:
         print(f"\nGSM8K part skipped: {gsm['skipped']}")
         return
@@ -485,6 +577,14 @@ def print_tables(train: dict, syn: dict, gsm: dict) -> None:
         lj = fmt_ci(v["l_j gold higher"], 2) if "l_j gold higher" in v else "-"
         print(f"| {name} | {v['n']} | {fmt_ci(v['l_K gold higher'], 2)} | {fmt_ci(v['R_proc gold higher'], 2)} | "
               f"{gj} | {lj} |")
+    print("\n| GSM8K, option | l_K gold higher (all) | R_proc gold higher (" + " / ".join(gsm["rows"])
+          + ") | g_j gold higher (all) |")
+    print("|---|---|---|---|")
+    for o in OPTIONS:
+        cells = [gsm["rows"][n]["options"][o]["R_proc gold higher"] for n in gsm["rows"]]
+        v = gsm["rows"]["all"]["options"][o]
+        gj = fmt_ci(v["g_j gold higher"], 2) if "g_j gold higher" in v else "-"
+        print(f"| {o} | {fmt_ci(v['l_K gold higher'], 2)} | {' / '.join(fmt_ci(c, 2) for c in cells)} | {gj} |")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -498,6 +598,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                     "with --quick)")
     ap.add_argument("--skip-gsm8k", action="store_true", help="only the synthetic part")
     ap.add_argument("--json", help="write every number (and the per-problem GSM8K rows) here")
+    ap.add_argument("--l0-opener", default=DEFAULT_L0_OPENER, help="the opener of the 'l_0 after the opener' row")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else FULL

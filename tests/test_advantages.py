@@ -13,6 +13,7 @@ from vlm_mig.advantages import (
     AdvantageConfig,
     compute_advantages,
     group_normalize,
+    process_token_mask,
     step_normalize,
     token_advantages,
     zero_std_fraction,
@@ -97,6 +98,44 @@ def test_compute_advantages_decoupled_masks():
     assert adv.zero_std_out == 0.5 and adv.zero_std_proc == 0.5
     with pytest.raises(ValueError):
         compute_advantages(r_out, r_proc, m_full, m_cot, 2, AdvantageConfig(process_credit="step"))
+
+
+def test_noise_floor_zeroes_groups_whose_process_rewards_barely_differ():
+    # Group 1 spreads over 0.0009 nats: normalised it gets +-0.61 (eps = 1e-4 barely damps it; any group of
+    # two distinct values gets +-0.707 without eps); under a floor of 0.05 it gets 0. Group 2 spreads over
+    # 0.6 and keeps its advantages.
+    r = torch.tensor([-1.0, -1.0009, 0.0, 0.6])
+    plain = group_normalize(r, 2)
+    floored = group_normalize(r, 2, min_spread=0.05)
+    assert plain[0] > 0.6 and floored[:2].tolist() == [0.0, 0.0]
+    torch.testing.assert_close(floored[2:], plain[2:])
+    assert zero_std_fraction(r, 2) == 0.0 and zero_std_fraction(r, 2, min_spread=0.05) == 0.5
+    m = torch.ones(4, 3, dtype=torch.bool)
+    adv = compute_advantages(torch.zeros(4), r, m, m, 2, min_spread=0.05)
+    assert adv.seq_proc[:2].tolist() == [0.0, 0.0] and adv.below_min_spread == 0.5 and adv.zero_std_proc == 0.0
+    # Step credit: the floor applies to the spread of the group's step gains.
+    gains = torch.tensor([[0.01, 0.0], [0.02, 0.0], [1.0, 0.0], [0.0, 0.5]])
+    smask = torch.ones(4, 2, dtype=torch.bool)
+    st_adv = step_normalize(gains, smask, 2, min_spread=0.05)
+    assert (st_adv[:2] == 0).all() and (st_adv[2:] != 0).any()
+    torch.testing.assert_close(st_adv[2:], step_normalize(gains, smask, 2)[2:])
+
+
+def test_undecoupled_ablation_puts_the_process_advantage_on_every_completion_token():
+    r_out = torch.tensor([1.0, 0.0])
+    r_proc = torch.tensor([0.3, 0.1])
+    m_full = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    m_cot = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 0]], dtype=torch.bool)
+    cot = compute_advantages(r_out, r_proc, m_full, m_cot, 2)
+    full = compute_advantages(r_out, r_proc, m_full, m_cot, 2, AdvantageConfig(process_mask="full"))
+    torch.testing.assert_close(full.tok_proc, full.seq_proc.unsqueeze(-1) * m_full)
+    torch.testing.assert_close(cot.tok_proc, cot.seq_proc.unsqueeze(-1) * m_cot)
+    torch.testing.assert_close(full.tok_out, cot.tok_out)
+    assert process_token_mask(m_full, m_cot, "full") is m_full and process_token_mask(m_full, m_cot) is m_cot
+    with pytest.raises(ValueError, match="process_mask"):
+        AdvantageConfig(process_mask="all")
+    with pytest.raises(ValueError, match="trajectory"):
+        AdvantageConfig(process_mask="full", process_credit="step")
 
 
 @st.composite

@@ -51,6 +51,9 @@ def test_defaults_equal_spec():
     assert cfg.trainer.num_iterations == 1
     assert (adv.eps, adv.scale, adv.process_credit) == (1e-4, "group", "trajectory")
     assert (mig.probe, mig.max_steps, mig.min_step_chars) == ("</think>\n<answer>", 16, 8)
+    assert (mig.l0_context, mig.answer_score, mig.watermark) == ("empty_think", "mean", True)
+    assert (mig.min_gain, mig.min_spread, mig.l0_opener) == (0.0, 0.0, "\n")
+    assert adv.process_mask == "cot" and loss.sft_gates == "both"
     assert (cfg.reward.accuracy_weight, cfg.reward.format_weight) == (1.0, 1.0)
     assert cfg.reward.fallback_extraction is False  # untagged answers earn nothing by default
 
@@ -169,11 +172,24 @@ def test_unknown_key_in_a_file_names_the_file_and_the_key(tmp_path):
     ("loss.eps_clip=1.5", "loss.eps_clip", "[0, 1)"),
     ("loss.kl_coef=-0.1", "loss.kl_coef", ">= 0"),
     ("advantage.eps=0", "advantage.eps", "> 0"),
+    # MIG options and ablation switches
+    ("mig.l0_context=prompt", "mig.l0_context", "empty_think, opener"),
+    ("mig.answer_score=median", "mig.answer_score", "mean, sum, digits"),
+    ("mig.watermark=sometimes", "mig.watermark", "true or false"),
+    ("mig.min_gain=-0.1", "mig.min_gain", ">= 0"),
+    ("mig.min_spread=-1", "mig.min_spread", ">= 0"),
+    ("advantage.process_mask=all", "advantage.process_mask", "cot, full"),
+    ("loss.sft_gates=structural", "loss.sft_gates", "both, format, accuracy"),
 ])
 def test_invalid_values_name_the_key(override, key, words):
     err = _error(overrides=[override])
     assert err.startswith(f"{key}:"), err
     assert words in err, err
+
+
+def test_undecoupled_masks_need_trajectory_credit():
+    err = _error(overrides=["advantage.process_mask=full", "advantage.process_credit=step"])
+    assert err.startswith("advantage.process_mask:") and "trajectory" in err, err
 
 
 def test_a_misspelt_choice_gets_a_suggestion():

@@ -34,7 +34,8 @@ def mig_inline(l: list[float]) -> tuple[list[float], list[float], float]:
 # r1      |  1   1   2    | -3, -2, -1.5, -1       | -3, -2, -1.5, -1       | 1, 0.5, 0.5   | 2
 # r2      |  1   1   2    | -3, -3.5, -3.2         | -3, -3, -3             | 0, 0          | 0  (lucky guess)
 # r3      |  0   1   1    | -3, -4, -2             | -3, -3, -2             | 0, 1          | 1  (recovery: +1 over the
-# r4      |  1   0   1    | -3, -2                 | -3, -2                 | 1             | 1   record, not +2 over l_1)
+# r4      |  1   0   1    | -3, -2                 | -3, -2                 | 1             | 1   record, not +2
+#         |               |                        |                        |               |    over l_1)
 #
 # R_out = [2, 2, 1, 1]: mean 1.5, deviations +-0.5, unbiased var 4 * 0.25 / 3 = 1/3
 #   -> A_out = [a, a, -a, -a], a = 0.5 / (sqrt(1/3) + eps)
@@ -358,6 +359,25 @@ def test_sft_no_gated_rollout_is_zero_with_graph():
     )
     total.backward()
     assert total.item() == 0.0 and d["sft_gate_rate"].item() == 0
+
+
+def test_single_gate_sft_ablations():
+    acc = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    fmt = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    assert sft_gate(acc, fmt).tolist() == [True, False, False, False]
+    assert sft_gate(acc, fmt, gates="format").tolist() == [True, False, True, False]
+    assert sft_gate(acc, fmt, gates="accuracy").tolist() == [True, True, False, False]
+    assert sft_gate(acc, fmt, torch.tensor([0.0, 1.0, 1.0, 1.0]), gate_proc=True, gates="accuracy").tolist() == [
+        False, True, False, False]
+    # In the total loss the SFT term imitates exactly the gated rows.
+    logp = torch.tensor([[-1.0, -1.0], [-2.0, -2.0], [-4.0, -4.0], [-8.0, -8.0]])
+    m = torch.ones(4, 2, dtype=torch.bool)
+    for gates, want in (("both", 1.0), ("format", 2.5), ("accuracy", 1.5)):
+        cfg = LossConfig(alpha=0, beta=0, kl_coef=0, gamma=1.0, sft_gates=gates)
+        _, d = total_loss(logp, None, m, m, torch.zeros(4), torch.zeros(4), cfg, acc=acc, fmt=fmt)
+        assert d["sft"].item() == pytest.approx(want), gates
+    with pytest.raises(ValueError, match="sft_gates"):
+        LossConfig(sft_gates="structural")
 
 
 def test_k3_kl_properties():

@@ -5,8 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vlm_mig.advantages import group_normalize
 from vlm_mig.data.schema import Sample
-from vlm_mig.mig import ScoreRow, process_reward, prompt_rows, score_rows, step_gains, watermark
+from vlm_mig.mig import (
+    ScoreRow,
+    answer_scores,
+    encode_answers,
+    process_reward,
+    prompt_rows,
+    score_rows,
+    step_gains,
+    watermark,
+)
 from vlm_mig.models import load_model, load_processor
 from vlm_mig.processing import encode_prompts, tokenizer_of
 from vlm_mig.prompts import DEFAULT_PROBE
@@ -23,6 +33,92 @@ def test_watermark_gains_and_process_reward_by_hand():
     l = torch.tensor([[0.0, 1.0, 3.0], [-1.0, 2.0, 9.0], [5.0, 9.0, 9.0]])
     assert step_gains(l, valid).tolist() == [[1.0, 2.0], [3.0, 0.0], [0.0, 0.0]]
     assert process_reward(l, valid).tolist() == [3.0, 3.0, 0.0]
+
+
+def test_min_gain_and_raw_gains_by_hand():
+    l = torch.tensor([-3.0, -2.98, -2.96, -2.94, -1.0, -1.02])
+    # A record must beat the watermark by min_gain: three +0.02 steps are noise until they add up to 0.06.
+    assert watermark(l, min_gain=0.05).tolist() == pytest.approx([-3.0, -3.0, -3.0, -2.94, -1.0, -1.0])
+    assert step_gains(l, min_gain=0.05).tolist() == pytest.approx([0.0, 0.0, 0.06, 1.94, 0.0])
+    assert step_gains(l).tolist() == pytest.approx([0.02, 0.02, 0.02, 1.94, 0.0])
+    # No watermark (the ablation): the raw difference, negative too; |d| < min_gain counts as 0.
+    assert step_gains(l, use_watermark=False).tolist() == pytest.approx([0.02, 0.02, 0.02, 1.94, -0.02])
+    assert step_gains(l, use_watermark=False, min_gain=0.05).tolist() == pytest.approx([0.0, 0.0, 0.0, 1.94, 0.0])
+    assert float(process_reward(l, use_watermark=False)) == pytest.approx(-1.02 + 3.0)  # l_K - l_0
+    valid = torch.tensor([True, True, True, False, False, False])
+    assert step_gains(l, valid, min_gain=0.05).tolist() == [0.0] * 5
+    assert step_gains(l, valid, use_watermark=False).tolist() == pytest.approx([0.02, 0.02, 0.0, 0.0, 0.0])
+
+
+def test_trajectory_credit_ranks_by_the_best_l_k_whatever_the_watermark_does():
+    # l_0 is shared by the group (same prompt, same think opener), so R_proc = max_k l_k - l_0 and A_proc is
+    # the group-normalised max_k l_k: detours below the record change nothing under trajectory credit.
+    l = torch.tensor([[-2.0, -1.0, -3.0, -0.5], [-2.0, -2.5, -1.5, -1.6], [-2.0, -0.2, -2.2, -2.1]])
+    a = group_normalize(process_reward(l), 3)
+    assert torch.allclose(a, group_normalize(l.max(-1).values, 3), atol=1e-6)
+    # Without the watermark it is the last score that counts.
+    assert torch.allclose(group_normalize(process_reward(l, use_watermark=False), 3),
+                          group_normalize(l[:, -1], 3), atol=1e-6)
+
+
+def test_answer_scores_by_hand():
+    # Two copies: "120" (3 digit tokens, one number) and "1 kg" (a number, then a word token).
+    lp = torch.tensor([-0.1, -3.0, -0.3, -0.2, -1.0])
+    copy = torch.tensor([0, 0, 0, 1, 1])
+    unit = torch.tensor([0, 0, 0, 0, 1])
+    assert answer_scores(lp, copy, 2, "mean", unit).tolist() == pytest.approx([-3.4 / 3, -0.6])
+    assert answer_scores(lp, copy, 2, "sum", unit).tolist() == pytest.approx([-3.4, -1.2])
+    # digits: a number counts once, as its least likely token; other tokens count one each.
+    assert answer_scores(lp, copy, 2, "digits", unit).tolist() == pytest.approx([-3.0, -0.6])
+    assert answer_scores(lp, copy, 2, "digits").tolist() == pytest.approx([-3.4 / 3, -0.6])  # no units: mean
+    with pytest.raises(ValueError, match="answer score"):
+        answer_scores(lp, copy, 2, "median")
+
+
+def test_encode_answers_splits_at_the_seam_and_marks_numbers(tiny_text_dir):
+    tok = tokenizer_of(load_processor(tiny_text_dir))
+    enc = encode_answers(tok, ["120,000", "3 kg", "the"], "So ", opener="\n")
+    for v, probe, ans in zip(["120,000", "3 kg", "the"], enc["probes"], enc["variants"]):
+        assert torch.cat([probe, ans]).tolist() == tok.encode("So " + v, add_special_tokens=False)
+    # "So the" is S|o|Ġthe: the probe's space belongs to the answer's first token.
+    assert tok.convert_ids_to_tokens(enc["variants"][2].tolist()) == ["Ġthe"]
+    assert enc["units"][0].tolist() == [0] * 7  # 1 2 0 , 0 0 0: one number
+    assert enc["units"][1].tolist()[0] != enc["units"][1].tolist()[-1]  # "3" and "kg" are separate units
+    assert torch.cat([enc["l0_probes"][0], enc["variants"][0]]).tolist() == tok.encode(
+        "\nSo 120,000", add_special_tokens=False)
+    with pytest.raises(ValueError, match="empty"):
+        encode_answers(tok, [""], "So ")
+
+
+def test_opener_and_answer_scores_equal_naive_passes(tiny_text_dir):
+    """Rows from encode_answers (joint probe+answer ids, copy 0 behind the opener): every answer score of the
+    packed pass equals the same reduction of naive per-sequence log-probs."""
+    model, processor = load_model(tiny_text_dir), load_processor(tiny_text_dir)
+    tok = tokenizer_of(processor)
+    sample = Sample(id="t", question="Tom has 5 apples and buys 3. How many?", answer="18", task="numeric",
+                    answer_variants=["18 apples"])
+    ids, cuts = _completion(tok, ["5 + 3 = 8.", "So Tom has 18 apples."], "18")
+    batch = encode_prompts(processor, [sample])
+    with torch.no_grad():
+        (p,) = prompt_rows(model, batch)
+        enc = encode_answers(tok, sample.variants, DEFAULT_PROBE, opener="\n")
+        row = ScoreRow(completion_ids=ids, cuts=cuts, **enc, **p)
+        no_probe = torch.zeros(0, dtype=torch.long)  # every copy's context comes from enc
+        packed = {m: score_rows(model, [row], no_probe, answer_score=m)[0] for m in ("mean", "sum", "digits")}
+    for k, c in enumerate(cuts):
+        for j, v in enumerate(enc["variants"]):
+            ctx = enc["l0_probes"][j] if k == 0 else enc["probes"][j]
+            seq = torch.cat([batch.input_ids[0], ids[:c], ctx, v]).unsqueeze(0)
+            with torch.no_grad():
+                logits = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0].float()
+            lp = logits[-v.numel() - 1 : -1].log_softmax(-1).gather(-1, v.unsqueeze(-1)).squeeze(-1)
+            for mode, res in packed.items():
+                want = answer_scores(lp, torch.zeros_like(v), 1, mode, enc["units"][j])[0]
+                assert abs(float(want) - float(res.l_variants[k, j])) < 1e-4, (k, j, mode)
+                assert torch.equal(res.l_by_score[mode], res.l)
+    # The three scores differ on a multi-token answer, and copy 0 sits behind the opener.
+    assert len({round(float(r.l[1]), 4) for r in packed.values()}) == 3
+    assert enc["l0_probes"][0].numel() == enc["probes"][0].numel() + 1
 
 
 def _completion(tok, steps: list[str], answer: str):
@@ -48,7 +144,8 @@ def naive_scores(model, processor, sample, completion, cuts, variants, probe_ids
             inputs["input_ids"] = torch.cat([batch.input_ids[0], tail]).unsqueeze(0)
             inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
             if batch.mm_token_type_ids is not None:
-                inputs["mm_token_type_ids"] = torch.cat([batch.mm_token_type_ids[0], torch.zeros_like(tail)]).unsqueeze(0)
+                zeros = torch.zeros_like(tail)
+                inputs["mm_token_type_ids"] = torch.cat([batch.mm_token_type_ids[0], zeros]).unsqueeze(0)
             with torch.no_grad():
                 logits = model(**inputs).logits[0].float()
             n = v.numel()
@@ -70,12 +167,12 @@ def naive_completion_logprobs(model, processor, sample, completion):
     return logits[-T - 1 : -1].log_softmax(-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
 
 
-def _check_packed_equals_naive(model_dir, samples, completions, tmp_images=False):
+def _check_packed_equals_naive(model_dir, samples, completions, probe_text=DEFAULT_PROBE):
     torch.manual_seed(0)
     model = load_model(model_dir)
     processor = load_processor(model_dir)
     tok = tokenizer_of(processor)
-    probe = torch.tensor(tok.encode(DEFAULT_PROBE, add_special_tokens=False))
+    probe = torch.tensor(tok.encode(probe_text, add_special_tokens=False), dtype=torch.long)
     batch = encode_prompts(processor, samples)
     with torch.no_grad():
         prompts = prompt_rows(model, batch)
@@ -120,6 +217,15 @@ def test_packed_equals_naive_on_tiny_text_model(tiny_text_dir):
                Sample(id="u", question="2 * 3?", answer="6")]
     completions = [(["5 + 3 = 8.", "So Tom has 8 apples.", "Check: 8 - 3 = 5."], "8"), (["2 * 3 = 6."], "6")]
     _check_packed_equals_naive(tiny_text_dir, samples, completions)
+
+
+def test_empty_probe_scores_the_answer_right_after_each_prefix(tiny_text_dir):
+    # With no probe the first answer token is predicted by the last token of prefix k itself, not by
+    # whatever precedes the copy in the packed row (the completion's end, or the previous copy).
+    samples = [Sample(id="t", question="Tom has 5 apples and buys 3. How many?", answer="8", task="numeric",
+                      answer_variants=["8.0"])]
+    completions = [(["5 + 3 = 8.", "So Tom has 8 apples."], "8")]
+    _check_packed_equals_naive(tiny_text_dir, samples, completions, probe_text="")
 
 
 @pytest.mark.real_weights

@@ -116,6 +116,16 @@ def test_grade_math(pred, gold, ok):
     assert grade(pred, gold, "math") is ok
 
 
+def test_numeric_integer_gold_needs_exact_equality():
+    # A relative tolerance on integers accepts a different integer once the gold is large enough.
+    assert not grade("120,006", "120000", "numeric") and not grade("120006", "120000", "numeric")
+    assert not grade("1000.05", "1000", "numeric") and not grade("0.0000005", "0", "numeric")
+    assert grade("120,000", "120000", "numeric") and grade("120000.0", "120000", "numeric")
+    assert grade("$1,000", "1000", "numeric") and grade("-2", "-2.0", "numeric") and grade("18", "18.00", "numeric")
+    # Any integer form of V(y*) is exact; a non-integer one keeps its tolerance.
+    assert grade("2.50001", ["3", "2.5"], "numeric") and not grade("3.0001", ["3", "2.5"], "numeric")
+
+
 def test_grade_other_tasks():
     # count: integer match, tolerant of spelling
     assert grade("3", "3", "count") and grade("three", "3", "count") and grade("3 objects.", "3", "count")
@@ -126,9 +136,9 @@ def test_grade_other_tasks():
     assert grade("1,234.5", "1234.5", "numeric") and grade("$12", "12", "numeric")
     assert grade("45%", "45", "numeric") and grade("3/4", "0.75", "numeric")
     assert grade(r"\frac{3}{4}", "0.75", "numeric") and grade("-2", "-2.0", "numeric")
-    assert grade("1000.05", "1000", "numeric")  # |d| = 0.05 <= 1e-4 * 1000 = 0.1
-    assert not grade("1000.2", "1000", "numeric")
-    assert grade("0.0000005", "0", "numeric") and not grade("0.00001", "0", "numeric")
+    assert grade("1000.55", "1000.5", "numeric")  # |d| = 0.05 <= 1e-4 * 1000.5
+    assert not grade("1000.7", "1000.5", "numeric")
+    assert grade("0.0000015", "0.000001", "numeric") and not grade("0.00001", "0.000001", "numeric")
     assert not grade("abc", "1", "numeric") and not grade("1/0", "1", "numeric")
     # mc: option letter
     for p in ["B", "(B)", "B.", "b", "B) 42", "(B) 42", "Option B", "The answer is B."]:

@@ -62,3 +62,52 @@ def test_score_bad_row_names_the_line(tiny_text_dir, tmp_path, capsys):
                     + json.dumps({"question": "q", "answer": "1", "completion": 5}) + "\n")
     assert main(["score", "--model", str(tiny_text_dir), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def _check_joint_tokenization(model_dir, probe: str, answer: str, first_answer_token: str):
+    """Each explained sequence is prompt + prefix_k + tok(probe + answer) as ONE text, the answer starting at
+    the first token that ends past the seam, and l_k is the plain forward's mean log-prob from there."""
+    from vlm_mig.data.schema import Sample
+    from vlm_mig.models import load_processor
+    from vlm_mig.processing import encode_prompts, tokenizer_of
+    from vlm_mig.score import ScoreConfig, score_samples
+
+    model, processor = load_model(model_dir), load_processor(model_dir)
+    tok = tokenizer_of(processor)
+    completion = "<think>\n### Step 1: Half of it is what we need.\n### Step 2: That is the result.\n</think>"
+    sample = Sample(id="j", question="What is half of one?", answer=answer, task="text",
+                    meta={"completion": completion})
+    (rec,) = score_samples(model, processor, [sample], ScoreConfig(probe=probe), explain=True, progress=False)
+    prompt = encode_prompts(processor, [sample]).input_ids[0].tolist()
+    comp = tok.encode(completion, add_special_tokens=False)
+    joint = tok.encode(probe + answer, add_special_tokens=False)
+    assert len(rec["sequences"]) == len(rec["l"]) == 3
+    for k, seq in enumerate(rec["sequences"]):
+        ids, a = seq["input_ids"], seq["answer_start"]
+        cut = len(ids) - len(joint) - len(prompt)
+        assert ids == prompt + comp[:cut] + joint
+        assert tok.convert_ids_to_tokens(ids[a]) == first_answer_token
+        t = torch.tensor([ids])
+        with torch.no_grad():
+            logits = model(input_ids=t, attention_mask=torch.ones_like(t)).logits[0]
+        lp = logits[a - 1 : -1].float().log_softmax(-1).gather(-1, t[0, a:, None]).squeeze(-1).mean()
+        assert abs(lp.item() - rec["l"][k]) < 1e-4
+
+
+def test_probe_and_answer_are_tokenized_as_one_text(tiny_text_dir):
+    # The tiny BPE writes "So the" as S|o|Ġthe: the space of the probe "So " goes into the answer's token.
+    _check_joint_tokenization(tiny_text_dir, "</think>\nSo ", "the", "Ġthe")
+
+
+@pytest.mark.real_weights
+def test_latex_answer_tokenized_with_the_probe_on_smollm2(smollm2_dir):
+    # SmolLM2 merges the probe's ">" with a LaTeX answer's leading backslash: <, answer, >\, frac.
+    _check_joint_tokenization(smollm2_dir, "</think>\n<answer>", "\\frac{1}{2}", ">\\")
+
+
+def test_score_cli_rejects_a_negative_min_gain(tiny_text_dir, tmp_path, capsys):
+    data = _write(tmp_path / "in.jsonl", [{"question": "q", "completion": "c", "answer": "1"}])
+    args = ["score", "--model", str(tiny_text_dir), "--data", str(data), "--out", str(tmp_path / "o")]
+    assert main([*args, "--min-gain", "-1"]) == 2
+    assert "min_gain must be >= 0" in capsys.readouterr().err
+    assert main([*args, "--answer-score", "digits", "--l0-context", "opener", "--no-watermark"]) == 0

@@ -77,12 +77,23 @@ def test_synthetic_step_table_labels_every_step(sv):
     assert len(samples) == 20 and {m["variant"] for m in meta} == {"correct", "redundant", "wrong_local",
                                                                    "wrong_propagated"}
     assert samples == sv.synthetic_samples(5, seed=0)[0]
-    fake = [{"id": s.id, "steps": ["x"] * len(m["labels"]), "l": list(range(len(m["labels"]) + 1)),
-             "gains": [1.0] * len(m["labels"])} for s, m in zip(samples, meta)]
-    tab = sv.step_table(fake, meta)
-    assert len(tab["g"]) == sum(len(m["labels"]) for m in meta)
+    def fake(s, m):
+        K = len(m["labels"])
+        ls = {mode: [float(k) * (2 if mode == "sum" else 1) for k in range(K + 1)] for mode in ("mean", "sum",
+                                                                                               "digits")}
+        return {"id": s.id, "steps": [f"so {s.answer} now"] * K, "l_by_answer_score": ls,
+                "l0_by_context": {"empty_think": {m_: 0.0 for m_ in ls}, "opener": {m_: 0.5 for m_ in ls}}}
+
+    tab = sv.step_table([fake(s, m) for s, m in zip(samples, meta)], meta, [s.answer for s in samples])
+    assert len(tab["g:MIG g_k"]) == sum(len(m["labels"]) for m in meta)
     assert set(tab["label"]) == {"correct", "redundant", "wrong"}
-    assert (tab["d"] == 1).all() and (tab["pos"] > 0).all() and (tab["pos"] <= 1).all()
+    # l_k = k: every raw difference and gain is 1 (2 under the sequence log-prob); the opener's l_0 = 0.5
+    # halves the first gain; every step states the gold, so its first digit matches.
+    assert (tab["g:raw l_k - l_{k-1}"] == 1).all() and (tab["g:MIG, answer sum"] == 2).all()
+    first = tab["k"] == 1
+    assert (tab["g:MIG, l_0 after the opener"][first] == 0.5).all()
+    assert (tab["g:MIG, l_0 after the opener"][~first] == 1).all()
+    assert tab["first_digit"].all() and (tab["pos"] > 0).all() and (tab["pos"] <= 1).all()
     # steps after a propagated error are flagged, and only those
     for m in meta:
         rows = (tab["problem"] == m["problem"]) & (tab["variant"] == m["variant"])
@@ -97,16 +108,19 @@ def _run(*args):
     return res.stdout
 
 
-def test_quick_run_end_to_end_and_deterministic(tmp_path):
+def test_quick_run_end_to_end_and_deterministic(sv, tmp_path):
     out1, out2 = tmp_path / "a.json", tmp_path / "b.json"
     work, assets = tmp_path / "work", tmp_path / "assets"
     stdout = _run("--work-dir", str(work), "--assets", str(assets), "--json", str(out1))
     r1 = json.loads(out1.read_text())
     syn = r1["synthetic"]["all steps (library labels)"]
-    assert set(syn["rows"]) == {"MIG g_k", "raw l_k - l_{k-1}", "position k/K", "MIG 1[g_k > 0]"}
-    for row in syn["rows"].values():
+    assert set(syn["rows"]) == {*sv.OPTIONS, "position k/K", "MIG 1[g_k > 0]"}
+    assert syn["by_label"]["wrong last step, same first digit as the gold"]["n"] + syn["by_label"][
+        "wrong last step, another first digit"]["n"] == syn["by_label"]["wrong, last step (states a wrong answer)"]["n"]
+    for name, row in syn["rows"].items():
         for point, lo, hi in (row["spearman"], row["auc"]):
-            assert lo <= point <= hi and -1 <= point <= 1
+            # After 6 SFT steps a gain floor can leave a score constant (no correlation to measure): NaN.
+            assert (lo <= point <= hi and -1 <= point <= 1) or (name != "MIG g_k" and np.isnan(point)), name
     assert set(syn["label_counts"]) == {"correct", "redundant", "wrong"} and all(syn["label_counts"].values())
     assert (assets / "step_validity_synthetic.png").is_file()
     assert "Spearman with label" in stdout and "total" in stdout.splitlines()[-1]

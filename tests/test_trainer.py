@@ -4,6 +4,7 @@ two processes on CPU equal one process with the same global batch."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -46,6 +47,17 @@ def _assert_same(a, b, atol=0.0):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=atol, rtol=0), (k, (a[k] - b[k]).abs().max())
+
+
+@pytest.fixture(scope="module")
+def sft_vl_dir(tiny_vl_dir, tmp_path_factory):
+    """The tiny VLM after 30 SFT steps: it opens <think> and writes steps, so its rollouts have l_k and gains."""
+    out = tmp_path_factory.mktemp("sft_vl")
+    cfg = load_config(None, _rl_overrides(tiny_vl_dir, out, 30, **{
+        "trainer.sft_batch_size": 8, "trainer.micro_batch_size": 8, "optim.lr": 3e-3, "data.synthetic_n": 64,
+        "trainer.save_steps": 30}))
+    Trainer(cfg, mode="sft").train()
+    return out / "checkpoint-30"
 
 
 def test_sft_learns_and_writes_a_loadable_hf_checkpoint(tiny_vl_dir, tmp_path):
@@ -118,12 +130,13 @@ def test_resume_after_sigkill_is_exact(tiny_vl_dir, tmp_path):
     _assert_same(_weights(straight / f"checkpoint-{steps}"), _weights(killed / f"checkpoint-{steps}"))
 
 
-def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_vl_dir, tmp_path):
+def _one_vs_two_processes(model_dir, tmp_path, **extra):
+    """Train 2 steps on 1 process and on 2 (gloo, CPU) with the same global batch; the weights must agree."""
     one = tmp_path / "one"
-    over = _rl_overrides(tiny_vl_dir, one, 2, **{"trainer.prompts_per_step": 2, "loss.kl_coef": 0})
+    over = _rl_overrides(model_dir, one, 2, **{"trainer.prompts_per_step": 2, "loss.kl_coef": 0, **extra})
     subprocess.run(_cli("train", *over), check=True, capture_output=True)
     two = tmp_path / "two"
-    over = _rl_overrides(tiny_vl_dir, two, 2, **{"trainer.prompts_per_step": 1, "loss.kl_coef": 0})
+    over = _rl_overrides(model_dir, two, 2, **{"trainer.prompts_per_step": 1, "loss.kl_coef": 0, **extra})
     # On a CPU-only machine `--multi_gpu` starts torchrun workers that the trainer joins over gloo.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1",
@@ -137,6 +150,38 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_vl_dir,
     assert all(a != b for a, b in zip(rank0, rank1)), "ranks must see different prompts"
     assert [a + b for a, b in zip(rank0, rank1)] == single
     _assert_same(_weights(one / "checkpoint-2"), _weights(two / "checkpoint-2"), atol=1e-5)
+    return [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_vl_dir, tmp_path):
+    _one_vs_two_processes(tiny_vl_dir, tmp_path)
+
+
+def test_two_processes_share_the_batch_std_of_step_credit(sft_vl_dir, tmp_path):
+    # Step credit normalises every step gain of the batch by one std: each process must use the global one.
+    rows = _one_vs_two_processes(sft_vl_dir, tmp_path, **{
+        "advantage.process_credit": "step", "advantage.scale": "batch", "rollout.max_new_tokens": 40,
+        "loss.beta": 0, "loss.gamma": 0})
+    assert any(r["loss/pg_proc"] != 0 for r in rows), "the process term must carry a gradient for this to test it"
+
+
+def test_visual_evidence_noise_floor_and_ablations_are_wired(sft_vl_dir, tmp_path):
+    out = tmp_path / "rl"
+    over = _rl_overrides(sft_vl_dir, out, 1, **{
+        "mig.visual_evidence": "true", "rollout.max_new_tokens": 40, "trainer.prompts_per_step": 4,
+        "mig.l0_context": "opener", "mig.answer_score": "digits", "mig.watermark": "false", "mig.min_gain": 0.01,
+        "mig.min_spread": 100.0, "advantage.process_mask": "full", "loss.sft_gates": "format"})
+    Trainer(load_config(None, over), "rl").train()
+    (m,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(m["mig/visual_evidence"]) and math.isfinite(m["mig/proc_spread"])
+    # A floor above every spread zeroes the process advantage of every group.
+    assert m["adv/below_min_spread"] == 1.0 and m["adv/proc_abs_mean"] == 0.0 and m["loss/pg_proc"] == 0.0
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    scored = [s for s in samples if "l" in s]
+    assert scored and all("visual_evidence_gain" in s for s in scored)
+    for s in scored:  # raw gains without the watermark: l_k - l_{k-1}, |d| < min_gain counted as 0
+        d = [b - a for a, b in zip(s["l"], s["l"][1:])]
+        assert s["gains"] == pytest.approx([x if abs(x) >= 0.01 else 0.0 for x in d], abs=2e-5)
 
 
 def test_lora_run_saves_an_adapter_and_resumes(tiny_vl_dir, tmp_path):

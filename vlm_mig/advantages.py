@@ -9,7 +9,9 @@ completions of prompt ``g`` (the order the rollout engine produces). Per group, 
 ``std`` is the unbiased sample std (``torch.std``), as in TRL's and verl's GRPO. A group whose
 rewards are all equal gets exactly 0, never NaN. Token advantages are decoupled: the outcome
 advantage covers ``M_full`` (every completion token through EOS), the process advantage ``M_cot``
-(the step tokens) only.
+(the step tokens) only (``process_mask: full`` is the undecoupled ablation: ``M_full`` for both).
+A noise floor ``min_spread`` sets the process advantage of a group to 0 when its process rewards spread
+over less than that many nats: normalising by a tiny std would turn scoring noise into full-size advantages.
 
 Pure functions on tensors; no state.
 """
@@ -25,8 +27,10 @@ __all__ = [
     "SCALES",
     "AdvantageConfig",
     "Advantages",
+    "PROCESS_MASKS",
     "compute_advantages",
     "group_normalize",
+    "process_token_mask",
     "step_normalize",
     "token_advantages",
     "within_group_credit",
@@ -35,6 +39,7 @@ __all__ = [
 
 SCALES = ("group", "batch", "none")
 PROCESS_CREDITS = ("trajectory", "step")
+PROCESS_MASKS = ("cot", "full")
 
 
 @dataclass
@@ -46,12 +51,18 @@ class AdvantageConfig:
     process_credit: str = (
         "trajectory"  #: "trajectory": every CoT token gets A_proc_i; "step": step k gets g_k
     )
+    process_mask: str = "cot"  #: tokens of the process advantage: "cot" (M_cot, SPEC) | "full" (M_full, ablation)
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:
             raise ValueError(f"advantage scale must be one of {SCALES}, got {self.scale!r}")
         if self.process_credit not in PROCESS_CREDITS:
             raise ValueError(f"process_credit must be one of {PROCESS_CREDITS}, got {self.process_credit!r}")
+        if self.process_mask not in PROCESS_MASKS:
+            raise ValueError(f"process_mask must be one of {PROCESS_MASKS}, got {self.process_mask!r}")
+        if self.process_mask == "full" and self.process_credit == "step":
+            raise ValueError("process_mask 'full' needs process_credit 'trajectory': step credit has no value for "
+                             "tokens outside the steps")
         if not self.eps > 0:
             raise ValueError(f"advantage eps must be > 0, got {self.eps}")
 
@@ -63,14 +74,15 @@ def _check_groups(n: int, group_size: int) -> int:
 
 
 def _masked_group_normalize(
-    values: torch.Tensor, valid: torch.Tensor, group_size: int, scale: str, eps: float
+    values: torch.Tensor, valid: torch.Tensor, group_size: int, scale: str, eps: float, min_spread: float = 0.0
 ) -> torch.Tensor:
     """Core of both normalisers. ``values``/``valid``: [B, N]; statistics pool each group's valid cells.
 
     mean_g = sum(v) / n_g;  std_g = sqrt(sum((v - mean_g)^2) / (n_g - 1));  out = (v - mean_g) / (s + eps)
     where s is std_g ("group"), the std over every valid cell of the batch ("batch"), or 1 with
-    eps = 0 ("none"). Cells of a group whose valid values are all equal, or of a group with fewer than
-    two valid cells (no spread to measure), are exactly 0; invalid cells are 0.
+    eps = 0 ("none"). Cells of a group whose valid values are all equal, whose spread (max - min) is
+    below ``min_spread``, or with fewer than two valid cells (no spread to measure), are exactly 0;
+    invalid cells are 0.
     """
     if scale not in SCALES:
         raise ValueError(f"advantage scale must be one of {SCALES}, got {scale!r}")
@@ -89,7 +101,7 @@ def _masked_group_normalize(
     big = torch.finfo(vg.dtype).max
     vmax = torch.where(mg, vg, -big).amax(-1, keepdim=True)
     vmin = torch.where(mg, vg, big).amin(-1, keepdim=True)
-    constant = (vmax <= vmin) | (cnt < 2)
+    constant = (vmax <= vmin) | (vmax - vmin < min_spread) | (cnt < 2)
     if scale == "group":
         std = (dev.square().sum(-1, keepdim=True) / (cnt - 1).clamp(min=1)).sqrt()
         out = dev / (std + eps)
@@ -110,20 +122,19 @@ def _masked_group_normalize(
 
 
 def group_normalize(
-    rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-4
+    rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-4, min_spread: float = 0.0
 ) -> torch.Tensor:
     """Sequence advantages [B] from rewards [B]: ``A_i = (R_i - mean_g R) / (std_g R + eps)``.
 
     ``scale="batch"`` divides by the std of all rewards of the batch instead (group means kept);
-    ``scale="none"`` only subtracts the group mean (Dr. GRPO). Constant groups, and groups of one
-    rollout, give exactly 0. Returns float32.
+    ``scale="none"`` only subtracts the group mean (Dr. GRPO). Constant groups, groups whose rewards
+    spread over less than ``min_spread``, and groups of one rollout, give exactly 0. Returns float32.
     """
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
     r = rewards.reshape(-1, 1)
-    return _masked_group_normalize(r, torch.ones_like(r, dtype=torch.bool), group_size, scale, eps).reshape(
-        -1
-    )
+    return _masked_group_normalize(r, torch.ones_like(r, dtype=torch.bool), group_size, scale, eps,
+                                   min_spread).reshape(-1)
 
 
 def step_normalize(
@@ -133,26 +144,36 @@ def step_normalize(
     *,
     scale: str = "group",
     eps: float = 1e-4,
+    min_spread: float = 0.0,
 ) -> torch.Tensor:
     """Step advantages [B, K] from the per-step gains ``g_k`` [B, K] (``process_credit: step``).
 
     Column ``k`` holds step ``k + 1`` (``g_1`` is column 0); ``step_mask`` [B, K] marks the real steps
     (row i has K_i leading True). Normalised over **all steps of the group** (SPEC section 4):
     ``(g_ik - mean) / (std + eps)`` with mean and std over the valid cells of the group's rows;
-    ``scale`` as in ``group_normalize`` (``"batch"``: std over every valid step of the batch).
-    Padding cells are 0.
+    ``scale`` as in ``group_normalize`` (``"batch"``: std over every valid step of the batch); a group
+    whose step gains spread over less than ``min_spread`` gets 0. Padding cells are 0.
     """
     if step_gains.shape != step_mask.shape or step_gains.dim() != 2:
         raise ValueError(
             f"step_gains {tuple(step_gains.shape)} and step_mask {tuple(step_mask.shape)} must be the same [B, K]"
         )
-    return _masked_group_normalize(step_gains, step_mask.bool(), group_size, scale, eps)
+    return _masked_group_normalize(step_gains, step_mask.bool(), group_size, scale, eps, min_spread)
 
 
-def zero_std_fraction(rewards: torch.Tensor, group_size: int) -> float:
-    """Fraction of groups whose rewards are all equal (they carry no GRPO signal); a logged metric."""
+def zero_std_fraction(rewards: torch.Tensor, group_size: int, min_spread: float = 0.0) -> float:
+    """Fraction of groups whose rewards are all equal, or spread over less than ``min_spread`` (they carry
+    no GRPO signal); a logged metric."""
     rg = rewards.reshape(_check_groups(rewards.numel(), group_size), group_size)
-    return float((rg.amax(-1) <= rg.amin(-1)).float().mean())
+    spread = rg.amax(-1) - rg.amin(-1)
+    return float(((spread <= 0) | (spread < min_spread)).float().mean())
+
+
+def process_token_mask(m_full: torch.Tensor, m_cot: torch.Tensor, process_mask: str = "cot") -> torch.Tensor:
+    """The tokens the process advantage covers: ``M_cot`` (decoupled, SPEC) or ``M_full`` (the ablation)."""
+    if process_mask not in PROCESS_MASKS:
+        raise ValueError(f"process_mask must be one of {PROCESS_MASKS}, got {process_mask!r}")
+    return m_full if process_mask == "full" else m_cot
 
 
 def token_advantages(
@@ -206,6 +227,7 @@ class Advantages:
     tok_proc: torch.Tensor  #: [B, T] process advantage on M_cot, 0 elsewhere
     zero_std_out: float  #: fraction of groups with constant R_out
     zero_std_proc: float  #: fraction of groups with constant R_proc
+    below_min_spread: float = 0.0  #: fraction of groups whose R_proc spread is under the noise floor (A_proc 0)
 
 
 def compute_advantages(
@@ -219,12 +241,14 @@ def compute_advantages(
     step_gains: torch.Tensor | None = None,
     step_mask: torch.Tensor | None = None,
     token_step: torch.Tensor | None = None,
+    min_spread: float = 0.0,
 ) -> Advantages:
     """Sequence and decoupled token advantages for a batch (SPEC section 4).
 
     ``r_out``, ``r_proc``: [B]; ``m_full``, ``m_cot``: [B, T] completion masks. With
     ``cfg.process_credit == "step"`` also pass ``step_gains``/``step_mask`` [B, K] (``g_1..g_K``,
     left-aligned) and ``token_step`` [B, T] (0-based step of each token, -1 for non-step tokens).
+    ``min_spread``: the process noise floor in nats (``mig.min_spread``); groups under it get A_proc = 0.
     """
     cfg = cfg or AdvantageConfig()
     if m_full.shape != m_cot.shape or m_full.shape[0] != r_out.shape[0] or r_proc.shape != r_out.shape:
@@ -233,14 +257,15 @@ def compute_advantages(
             f"m_full {tuple(m_full.shape)}, m_cot {tuple(m_cot.shape)}"
         )
     a_out = group_normalize(r_out, group_size, scale=cfg.scale, eps=cfg.eps)
-    a_proc = group_normalize(r_proc, group_size, scale=cfg.scale, eps=cfg.eps)
+    a_proc = group_normalize(r_proc, group_size, scale=cfg.scale, eps=cfg.eps, min_spread=min_spread)
     tok_out = token_advantages(a_out, m_full)
     if cfg.process_credit == "trajectory":
-        tok_proc = token_advantages(a_proc, m_cot)
+        tok_proc = token_advantages(a_proc, process_token_mask(m_full, m_cot, cfg.process_mask))
     else:
         if step_gains is None or step_mask is None or token_step is None:
             raise ValueError("process_credit='step' needs step_gains, step_mask and token_step")
-        step_adv = step_normalize(step_gains, step_mask, group_size, scale=cfg.scale, eps=cfg.eps)
+        step_adv = step_normalize(step_gains, step_mask, group_size, scale=cfg.scale, eps=cfg.eps,
+                                  min_spread=min_spread)
         tok_proc = token_advantages(None, m_cot, step_adv=step_adv, token_step=token_step)
     return Advantages(
         seq_out=a_out,
@@ -249,6 +274,7 @@ def compute_advantages(
         tok_proc=tok_proc,
         zero_std_out=zero_std_fraction(r_out, group_size),
         zero_std_proc=zero_std_fraction(r_proc, group_size),
+        below_min_spread=zero_std_fraction(r_proc, group_size, min_spread),
     )
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from vlm_mig.config import ConfigError
 from vlm_mig.data.schema import DataError
+from vlm_mig.mig import ANSWER_SCORES, L0_CONTEXTS
 from vlm_mig.score import ScoreConfig as ScoreDefaults
 from vlm_mig.warmup import WarmupConfig
 
@@ -54,8 +55,13 @@ def _data_arithmetic(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     from vlm_mig.score import ScoreConfig, score_file
 
-    cfg = ScoreConfig(probe=args.probe, max_steps=args.max_steps, min_step_chars=args.min_step_chars,
-                      batch_size=args.batch_size, visual_evidence=args.visual_evidence)
+    try:
+        cfg = ScoreConfig(probe=args.probe, max_steps=args.max_steps, min_step_chars=args.min_step_chars,
+                          batch_size=args.batch_size, visual_evidence=args.visual_evidence,
+                          l0_context=args.l0_context, answer_score=args.answer_score, watermark=not args.no_watermark,
+                          min_gain=args.min_gain)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     n = score_file(args.model, args.data, args.out, explain=args.explain, cfg=cfg, task=args.task)
     print(f"scored {n} rows -> {args.out}")
     return 0
@@ -143,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-step-chars", type=int, default=ScoreDefaults.min_step_chars)
     p.add_argument("--batch-size", type=int, default=ScoreDefaults.batch_size)
     p.add_argument("--visual-evidence", action="store_true", help="also score l_0 without the images")
+    p.add_argument("--l0-context", default=ScoreDefaults.l0_context, choices=L0_CONTEXTS,
+                   help="score l_0 right after <think> (empty_think) or after the neutral opener")
+    p.add_argument("--answer-score", default=ScoreDefaults.answer_score, choices=ANSWER_SCORES,
+                   help="answer token log-probs -> l_k: mean, sum (sequence log-prob) or digits")
+    p.add_argument("--no-watermark", action="store_true", help="gains are the raw l_k - l_{k-1} (ablation)")
+    p.add_argument("--min-gain", type=float, default=ScoreDefaults.min_gain, help="gains below this (nats) count as 0")
     p.set_defaults(handler=_score)
     return parser
 

@@ -23,11 +23,13 @@ from typing import Any
 
 import yaml
 
-from vlm_mig.advantages import PROCESS_CREDITS, SCALES, AdvantageConfig
+from vlm_mig.advantages import PROCESS_CREDITS, PROCESS_MASKS, SCALES, AdvantageConfig
 from vlm_mig.data.clevr import CONDITIONS
 from vlm_mig.data.schema import TASK_TYPES
-from vlm_mig.losses import NORMALIZERS, LossConfig
+from vlm_mig.losses import NORMALIZERS, SFT_GATES, LossConfig
+from vlm_mig.mig import ANSWER_SCORES, L0_CONTEXTS
 from vlm_mig.models import ARCHES
+from vlm_mig.prompts import DEFAULT_L0_OPENER, DEFAULT_PROBE
 from vlm_mig.rollout.base import RolloutConfig
 from vlm_mig.rollout.factory import BACKENDS
 from vlm_mig.warmup import WarmupConfig
@@ -83,11 +85,17 @@ class DataConfig:
 class MigConfig:
     """The process reward (SPEC sections 1-2)."""
 
-    probe: str = "</think>\n<answer>"  #: closes the reasoning and opens the answer when scoring l_k
+    probe: str = DEFAULT_PROBE  #: closes the reasoning and opens the answer when scoring l_k
     min_step_chars: int = 8  #: steps shorter than this merge into a neighbour
     max_steps: int = 16  #: cap on K; the tail merges into the last step
-    visual_evidence: bool = False  #: also log l_0 without the image (costs one extra pass per prompt)
+    visual_evidence: bool = False  #: also log l_0 without the image (one extra pass over the prompts, copy 0 only)
     max_tokens_per_batch: int = 16384  #: bound on padded tokens of one packed scoring pass
+    l0_context: str = "empty_think"  #: where l_0 is scored: empty_think (right after <think>) | opener
+    l0_opener: str = DEFAULT_L0_OPENER  #: the neutral text after <think> that l_0 follows when l0_context is opener
+    answer_score: str = "mean"  #: answer token log-probs -> l_k: mean | sum (sequence log-prob) | digits
+    watermark: bool = True  #: gains against the watermark (SPEC); false: raw l_k - l_{k-1} (ablation)
+    min_gain: float = 0.0  #: a gain below this many nats counts as 0 (the watermark moves only past it)
+    min_spread: float = 0.0  #: groups whose R_proc spread (max - min, nats) is below this get A_proc = 0
 
 
 @dataclass
@@ -177,7 +185,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rollout.vllm_dtype": ("auto", "bfloat16", "float16", "float32"),  # what vllm.LLM(dtype=...) takes
     "advantage.scale": SCALES,
     "advantage.process_credit": PROCESS_CREDITS,
+    "advantage.process_mask": PROCESS_MASKS,
+    "mig.l0_context": L0_CONTEXTS,
+    "mig.answer_score": ANSWER_SCORES,
     "loss.normalizer": NORMALIZERS,
+    "loss.sft_gates": SFT_GATES,
     "trainer.report_to": ("tensorboard", "wandb"),
 }
 
@@ -199,6 +211,8 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "mig.min_step_chars": (0, None),
     "mig.max_steps": (1, None),
     "mig.max_tokens_per_batch": (1, None),
+    "mig.min_gain": (0, None),
+    "mig.min_spread": (0, None),
     "optim.lr": (0, None),
     "optim.weight_decay": (0, None),
     "optim.warmup_steps": (0, None),

@@ -70,7 +70,7 @@ GRADER_NAMES = {
 GRADERS = {
     "math": "math-verify (symbolic equivalence; exact LaTeX match short-cut)",
     "count": "integer match",
-    "numeric": "numeric match, |p - g| <= max(1e-6, 1e-4 |g|)",
+    "numeric": "numeric match: integer golds exactly, others |p - g| <= max(1e-6, 1e-4 |g|)",
     "mc": "option letter match",
     "text": "normalised string match",
 }

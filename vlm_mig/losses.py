@@ -17,7 +17,8 @@ over ``M_full`` with the same normaliser as the outcome term. The dual-gated SFT
     L_sft = - (1 / N_gate) * sum_{i gated} (1 / |z_i|) sum_t log pi_theta(z_it)
 
 over rollouts with ``fmt = 1`` and ``acc = 1`` (and optionally ``R_proc > 0``); ``N_gate = 0`` gives
-exactly 0 with a valid (all-zero) gradient.
+exactly 0 with a valid (all-zero) gradient. ``sft_gates: format`` or ``accuracy`` keeps one gate only
+(the single-gate ablations).
 
 The GRPO baseline is this same code with ``alpha = 0`` and ``gamma = 0``.
 
@@ -35,6 +36,7 @@ import torch
 __all__ = [
     "LOG_RATIO_CLAMP",
     "NORMALIZERS",
+    "SFT_GATES",
     "Denominators",
     "LossConfig",
     "k3_kl",
@@ -46,6 +48,8 @@ __all__ = [
 ]
 
 NORMALIZERS = ("grpo", "dapo", "dr_grpo")
+#: Which of the structural (format) and factual (accuracy) SFT gates a rollout must pass.
+SFT_GATES = ("both", "format", "accuracy")
 #: |log r| is clamped here before exp (as verl does): exp(20) ~ 5e8 keeps fp32 finite for any input.
 LOG_RATIO_CLAMP = 20.0
 
@@ -63,10 +67,13 @@ class LossConfig:
     normalizer: str = "grpo"  #: "grpo" (per-sequence mean, then batch mean) | "dapo" (tokens) | "dr_grpo"
     max_completion_length: int | None = None  #: the constant L of "dr_grpo"; None means the batch width T
     sft_gate_proc: bool = False  #: third SFT gate R_proc > 0 (drops correct answers no step led to)
+    sft_gates: str = "both"  #: SFT gates: "both" (format and accuracy, SPEC) | "format" | "accuracy" (ablations)
 
     def __post_init__(self) -> None:
         if self.normalizer not in NORMALIZERS:
             raise ValueError(f"loss normalizer must be one of {NORMALIZERS}, got {self.normalizer!r}")
+        if self.sft_gates not in SFT_GATES:
+            raise ValueError(f"sft_gates must be one of {SFT_GATES}, got {self.sft_gates!r}")
         if not 0 <= self.eps_clip < 1:
             raise ValueError(f"eps_clip must be in [0, 1), got {self.eps_clip}")
         if self.eps_clip_high is not None and self.eps_clip_high < 0:
@@ -198,12 +205,19 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> tor
 
 
 def sft_gate(
-    acc: torch.Tensor, fmt: torch.Tensor, r_proc: torch.Tensor | None = None, *, gate_proc: bool = False
+    acc: torch.Tensor, fmt: torch.Tensor, r_proc: torch.Tensor | None = None, *, gate_proc: bool = False,
+    gates: str = "both",
 ) -> torch.Tensor:
     """Bool [B]: rollouts that pass the structural gate (``fmt = 1``) and the factual gate (``acc = 1``),
     and, with ``gate_proc``, ``R_proc > 0`` (so a correct answer that no step made likelier, a lucky
-    guess, is not imitated)."""
-    g = (fmt.float() >= 1.0) & (acc.float() >= 1.0)
+    guess, is not imitated). ``gates="format"`` or ``"accuracy"`` keeps only that one of the first two."""
+    if gates not in SFT_GATES:
+        raise ValueError(f"sft_gates must be one of {SFT_GATES}, got {gates!r}")
+    g = torch.ones(acc.shape, dtype=torch.bool, device=acc.device)
+    if gates in ("both", "format"):
+        g = g & (fmt.float() >= 1.0)
+    if gates in ("both", "accuracy"):
+        g = g & (acc.float() >= 1.0)
     if gate_proc:
         if r_proc is None:
             raise ValueError("the R_proc > 0 gate needs r_proc")
@@ -268,7 +282,7 @@ def total_loss(
     b = logp.shape[0]
     gate = None
     if acc is not None and fmt is not None:
-        gate = sft_gate(acc, fmt, r_proc, gate_proc=cfg.sft_gate_proc)
+        gate = sft_gate(acc, fmt, r_proc, gate_proc=cfg.sft_gate_proc, gates=cfg.sft_gates)
     elif cfg.gamma != 0:
         raise ValueError("gamma > 0 needs acc and fmt for the SFT gates")
     if gate is None:

@@ -14,11 +14,20 @@ the probe would have had if appended right after ``S_k`` (for M-RoPE: the text i
 so the pass equals K+1 separate passes to float tolerance. The same pass yields ``log pi_old`` of every
 completion token. Image features are computed once per prompt and shared by all rollouts of its group.
 Only scored positions get fp32 log-softmax, chunked, never full-vocabulary logits for the whole row.
+
+Options (``MigConfig``; SPEC section 2 has each decision and its measurement): the probe and the answer
+are tokenized as one text and split at the seam by character offsets (``encode_answers``), so each copy
+holds the tokens the model would have written; ``l_0`` is scored right after ``<think>`` or after a neutral
+opener; the answer's token log-probs become ``l_k`` by their mean, their sum, or with each number scored
+by its least likely token (``answer_scores``); the watermark can be switched off (raw ``l_k - l_{k-1}``);
+gains below ``min_gain`` count as 0.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -27,32 +36,81 @@ import torch.nn.functional as F
 # Pure math on tensors
 
 
-def watermark(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+#: How the gold answer's token log-probs become one score (SPEC section 2, "answer score").
+ANSWER_SCORES = ("mean", "sum", "digits")
+#: Where l_0 is scored: right after ``<think>`` (an empty think), or after ``MigConfig.l0_opener``.
+L0_CONTEXTS = ("empty_think", "opener")
+
+
+def watermark(scores: torch.Tensor, valid: torch.Tensor | None = None, min_gain: float = 0.0) -> torch.Tensor:
     """Monotonic historical watermark ``h_0 = l_0, h_k = max(h_{k-1}, l_k)`` along the last dim.
 
     ``scores``: [..., K+1]; ``valid``: same shape, False past each row's K (those entries repeat h_K).
+    With ``min_gain > 0`` a record must beat the watermark by at least ``min_gain`` to move it
+    (``h_k = l_k if l_k - h_{k-1} >= min_gain else h_{k-1}``), so score noise never earns credit while a
+    slow climb still does once it adds up to ``min_gain``.
     """
     if valid is not None:
         scores = scores.masked_fill(~valid, float("-inf"))
-    h = torch.cummax(scores, dim=-1).values
+    if min_gain <= 0:
+        h = torch.cummax(scores, dim=-1).values
+    else:
+        cols = [scores[..., 0]]
+        for k in range(1, scores.shape[-1]):
+            cols.append(torch.where(scores[..., k] - cols[-1] >= min_gain, scores[..., k], cols[-1]))
+        h = torch.stack(cols, dim=-1)
     if valid is not None:
-        # -inf entries past K are filled by cummax with h_K already; only an all-invalid row stays -inf.
+        # -inf entries past K are filled with h_K already; only an all-invalid row stays -inf.
         h = torch.where(torch.isinf(h), torch.zeros_like(h), h)
     return h
 
 
-def step_gains(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """MIG per step: ``g_k = max(0, l_k - h_{k-1})`` for k = 1..K, shape [..., K] (0 past each row's K)."""
-    h = watermark(scores, valid)
-    g = (scores[..., 1:] - h[..., :-1]).clamp_min(0.0)
+def step_gains(scores: torch.Tensor, valid: torch.Tensor | None = None, *, use_watermark: bool = True,
+               min_gain: float = 0.0) -> torch.Tensor:
+    """MIG per step, shape [..., K] (0 past each row's K).
+
+    With the watermark (SPEC): ``g_k = h_k - h_{k-1}``, i.e. ``max(0, l_k - h_{k-1})`` when ``min_gain`` is 0.
+    Without it (the ablation): the raw difference ``l_k - l_{k-1}``, which can be negative, set to 0 where
+    ``|l_k - l_{k-1}| < min_gain``.
+    """
+    if use_watermark:
+        h = watermark(scores, valid, min_gain)
+        g = h[..., 1:] - h[..., :-1]
+    else:
+        g = scores[..., 1:] - scores[..., :-1]
+        g = torch.where(g.abs() < min_gain, torch.zeros_like(g), g)
     if valid is not None:
         g = g.masked_fill(~valid[..., 1:], 0.0)
     return g
 
 
-def process_reward(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """``R_proc = sum_k g_k`` (= ``h_K - h_0``); rows with K = 0 give 0."""
-    return step_gains(scores, valid).sum(-1)
+def process_reward(scores: torch.Tensor, valid: torch.Tensor | None = None, *, use_watermark: bool = True,
+                   min_gain: float = 0.0) -> torch.Tensor:
+    """``R_proc = sum_k g_k`` (= ``h_K - h_0``; ``l_K - l_0`` without the watermark); rows with K = 0 give 0."""
+    return step_gains(scores, valid, use_watermark=use_watermark, min_gain=min_gain).sum(-1)
+
+
+def answer_scores(logprobs: torch.Tensor, copy: torch.Tensor, n_copies: int, mode: str = "mean",
+                  unit: torch.Tensor | None = None) -> torch.Tensor:
+    """One score per copy from the log-probs of its answer tokens (``copy[j]``: the copy of token j).
+
+    ``mean``: ``(1/|v|) sum_t log p(v_t | ...)`` (SPEC); ``sum``: ``log p(v | ...)``, the whole answer's
+    sequence log-prob; ``digits``: as ``mean``, but the tokens of one number (the same ``unit`` id within a
+    copy) count as one unit scored by its least likely token, so a leading digit that a wrong stated number
+    shares with the gold earns nothing while a later digit is unlikely. ``unit``: per token, an id that
+    tokens of one number share (``encode_answers``); None makes every token its own unit.
+    """
+    if mode not in ANSWER_SCORES:
+        raise ValueError(f"answer score must be one of {ANSWER_SCORES}, got {mode!r}")
+    if mode == "digits" and unit is not None and logprobs.numel():
+        span = int(unit.max()) + 1
+        keys, inverse = torch.unique(copy * span + unit, return_inverse=True)
+        worst = logprobs.new_full((keys.numel(),), float("inf")).scatter_reduce(0, inverse, logprobs, "amin")
+        logprobs, copy = worst, keys // span
+    sums = logprobs.new_zeros(n_copies).index_add(0, copy, logprobs)
+    if mode == "sum":
+        return sums
+    return sums / torch.bincount(copy, minlength=n_copies).clamp_min(1).to(sums.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -69,6 +127,13 @@ class ScoreRow:
     cuts: list[int]  #: completion-relative prefix ends c_0..c_K (c_0 = start of the think content)
     variants: list[torch.Tensor]  #: token ids of each answer surface form in V(y*)
     image_embeds: torch.Tensor | None = None  #: [n image tokens, H] features for the prompt's image tokens
+    #: per variant, the ids before its answer in every copy (the probe as tokenized together with that
+    #: answer, ``encode_answers``); None: the shared ``probe_ids`` of the pass
+    probes: list[torch.Tensor] | None = None
+    #: per variant, the ids before its answer in copy 0 (opener + probe); None: as in the other copies
+    l0_probes: list[torch.Tensor] | None = None
+    #: per variant, a unit id per answer token (the tokens of one number share one), for ``digits``
+    units: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -78,7 +143,8 @@ class RowScores:
     l: torch.Tensor  #: [K+1] step scores (max over variants)
     l_variants: torch.Tensor  #: [K+1, |V|] per-variant scores
     completion_logprobs: torch.Tensor  #: [T] log pi_old of each completion token
-    extra: dict = field(default_factory=dict)
+    #: [K+1] step scores under every answer score of ``ANSWER_SCORES`` (``l`` is one of them)
+    l_by_score: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,6 +160,7 @@ class PackedLayout:
     answer_src: torch.Tensor  #: [n answer tokens over all copies] positions predicting each answer token
     answer_tgt: torch.Tensor  #: the answer token ids
     answer_copy: torch.Tensor  #: copy index of each answer token
+    answer_unit: torch.Tensor  #: unit id of each answer token within its copy (``answer_scores``)
     n_copies: int
     n_variants: int
 
@@ -114,27 +181,36 @@ def layout_row(row: ScoreRow, probe_ids: torch.Tensor) -> PackedLayout:
 
     ids, pos, vis, cid = [prompt_ids, completion_ids], [base_pos], [torch.arange(P + T)], [
         torch.full((P + T,), -1, dtype=torch.long)]
-    ans_src, ans_tgt, ans_copy = [], [], []
+    ans_src, ans_tgt, ans_copy, ans_unit = [], [], [], []
     offset = P + T
     copy = 0
-    n_probe = probe_ids.numel()
-    for c in row.cuts:
+    for k, c in enumerate(row.cuts):
         if not 0 <= c <= T:
             raise ValueError(f"cut {c} outside the completion (length {T})")
         last = P + c - 1  # last token the copy may see
         nxt = int(base_pos[:, last].max()) + 1 if last >= 0 else 0
-        for v in row.variants:
+        contexts = row.l0_probes if k == 0 and row.l0_probes is not None else row.probes
+        for j, v in enumerate(row.variants):
             v = v.cpu()
-            seq = torch.cat([probe_ids, v])
+            if v.numel() == 0:
+                raise ValueError("an answer variant has no tokens")
+            ctx = probe_ids if contexts is None else contexts[j].cpu()
+            n_ctx = ctx.numel()
+            seq = torch.cat([ctx, v])
             n = seq.numel()
             ids.append(seq)
             pos.append(torch.arange(nxt, nxt + n).unsqueeze(0).expand(pp.shape[0], n))
             vis.append(torch.full((n,), last, dtype=torch.long))
             cid.append(torch.full((n,), copy, dtype=torch.long))
-            # Answer token j is predicted by the copy token before it (the last probe token for j = 0).
-            ans_src.append(offset + n_probe - 1 + torch.arange(v.numel()))
+            # Answer token j is predicted by the copy token before it. For j = 0 that is the last probe
+            # token; with no probe it is the last token of prefix k, whose base state sees exactly prefix k.
+            first = offset + n_ctx - 1 if n_ctx else last
+            if first < 0:
+                raise ValueError("an empty probe after an empty prefix: nothing predicts the first answer token")
+            ans_src.append(torch.cat([torch.tensor([first]), offset + n_ctx + torch.arange(v.numel() - 1)]))
             ans_tgt.append(v)
             ans_copy.append(torch.full((v.numel(),), copy, dtype=torch.long))
+            ans_unit.append(torch.arange(v.numel()) if row.units is None else row.units[j].cpu())
             offset += n
             copy += 1
     positions = torch.cat(pos, dim=1)
@@ -149,6 +225,7 @@ def layout_row(row: ScoreRow, probe_ids: torch.Tensor) -> PackedLayout:
         answer_src=torch.cat(ans_src) if ans_src else empty,
         answer_tgt=torch.cat(ans_tgt) if ans_tgt else empty,
         answer_copy=torch.cat(ans_copy) if ans_copy else empty,
+        answer_unit=torch.cat(ans_unit) if ans_unit else empty,
         n_copies=copy,
         n_variants=len(row.variants),
     )
@@ -209,8 +286,13 @@ def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: in
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob_chunk: int = 2048) -> list[RowScores]:
-    """Score a micro-batch of rollouts in one forward pass. Runs under the caller's grad mode."""
+def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob_chunk: int = 2048,
+                   answer_score: str = "mean") -> list[RowScores]:
+    """Score a micro-batch of rollouts in one forward pass. Runs under the caller's grad mode.
+
+    ``l`` uses ``answer_score``; ``l_by_score`` holds every answer score (they share the pass)."""
+    if answer_score not in ANSWER_SCORES:
+        raise ValueError(f"answer score must be one of {ANSWER_SCORES}, got {answer_score!r}")
     device = next(model.parameters()).device
     layouts = [layout_row(r, probe_ids) for r in rows]
     L = max(lay.ids.numel() for lay in layouts)
@@ -246,17 +328,20 @@ def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob
     lp = token_logprobs(model, hidden[flat_rows, flat_pos], torch.cat(tgts).to(device), logprob_chunk)
 
     results, cursor = [], 0
-    for lay in layouts:
+    for row, lay in zip(rows, layouts):
         comp = lp[cursor : cursor + lay.completion_src.numel()]
         cursor += comp.numel()
         ans = lp[cursor : cursor + lay.answer_tgt.numel()]
         cursor += ans.numel()
-        copy_idx = lay.answer_copy.to(device)
-        sums = torch.zeros(lay.n_copies, device=device, dtype=torch.float32).index_add(0, copy_idx, ans)
-        counts = torch.bincount(copy_idx, minlength=lay.n_copies).clamp_min(1).float()
-        per_variant = (sums / counts).view(len(rows[len(results)].cuts), lay.n_variants)
-        best = per_variant.max(-1).values if lay.n_variants else per_variant.new_zeros(per_variant.shape[0])
-        results.append(RowScores(l=best, l_variants=per_variant, completion_logprobs=comp))
+        copy_idx, unit = lay.answer_copy.to(device), lay.answer_unit.to(device)
+        by_score, best = {}, {}
+        for mode in ANSWER_SCORES:
+            per_copy = answer_scores(ans, copy_idx, lay.n_copies, mode, unit)
+            by_score[mode] = per_copy.view(len(row.cuts), lay.n_variants)
+            best[mode] = (by_score[mode].max(-1).values if lay.n_variants
+                          else by_score[mode].new_zeros(len(row.cuts)))
+        results.append(RowScores(l=best[answer_score], l_variants=by_score[answer_score], completion_logprobs=comp,
+                                 l_by_score=best))
     return results
 
 
@@ -281,28 +366,93 @@ def _scatter_images(model, embeds: torch.Tensor, ids: torch.Tensor, rows: list[S
 
 
 def score_rows(model, rows: list[ScoreRow], probe_ids: torch.Tensor, max_tokens_per_batch: int = 16384,
-               logprob_chunk: int = 2048) -> list[RowScores]:
+               logprob_chunk: int = 2048, answer_score: str = "mean") -> list[RowScores]:
     """Score any number of rollouts, micro-batched so no pass exceeds ``max_tokens_per_batch`` (padded
     rows x length, i.e. the attention mask is bounded by its square per row)."""
+
+    def context(r: ScoreRow, k: int, j: int) -> int:
+        ctx = r.l0_probes if k == 0 and r.l0_probes is not None else r.probes
+        return (probe_ids if ctx is None else ctx[j]).numel()
+
     lengths = [
         r.prompt_ids.numel() + r.completion_ids.numel()
-        + len(r.cuts) * sum(probe_ids.numel() + v.numel() for v in r.variants)
+        + sum(context(r, k, j) + v.numel() for k in range(len(r.cuts)) for j, v in enumerate(r.variants))
         for r in rows
     ]
     out: list[RowScores | None] = [None] * len(rows)
     batch: list[int] = []
     longest = 0
+
+    def run(batch: list[int]) -> None:
+        for j, s in zip(batch, packed_forward(model, [rows[j] for j in batch], probe_ids, logprob_chunk,
+                                              answer_score)):
+            out[j] = s
+
     for i in sorted(range(len(rows)), key=lambda j: lengths[j]):
         if batch and max(longest, lengths[i]) * (len(batch) + 1) > max_tokens_per_batch:
-            for j, s in zip(batch, packed_forward(model, [rows[j] for j in batch], probe_ids, logprob_chunk)):
-                out[j] = s
+            run(batch)
             batch, longest = [], 0
         batch.append(i)
         longest = max(longest, lengths[i])
     if batch:
-        for j, s in zip(batch, packed_forward(model, [rows[j] for j in batch], probe_ids, logprob_chunk)):
-            out[j] = s
+        run(batch)
     return out  # type: ignore[return-value]
+
+
+def first_copy_rows(rows: list[ScoreRow]) -> list[ScoreRow]:
+    """The rows cut down to copy 0 (l_0) and the completion tokens it can see: a cheap pass for l_0 alone."""
+    return [replace(r, completion_ids=r.completion_ids[: r.cuts[0]], cuts=r.cuts[:1]) if r.cuts else r
+            for r in rows]
+
+
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+def encode_answers(tok, variants: Sequence[str], probe: str, opener: str | None = None) -> dict:
+    """``ScoreRow`` fields for the answer forms ``V(y*)``: ``probe + v`` is tokenized as ONE text and split
+    at the seam by character offsets, so a token the tokenizer merges across the seam (SmolLM2 writes
+    ``>\\`` for ``<answer>\\frac``) is kept, as an answer token: the copy holds the tokens the model would
+    have written. With ``opener``, copy 0 gets ``opener + probe + v`` the same way (``l0_context: opener``).
+    Also gives each answer token its number unit (tokens overlapping one number share an id) for
+    ``answer_score: digits``. Returns ``variants``, ``probes``, ``l0_probes`` and ``units``.
+    """
+
+    def split(prefix: str, v: str) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        try:
+            enc = tok(prefix + v, add_special_tokens=False, return_offsets_mapping=True)
+        except NotImplementedError as e:
+            raise ValueError(f"{type(tok).__name__} gives no character offsets; MIG scoring needs a fast "
+                             "tokenizer to split probe and answer at their seam") from e
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        seam = len(prefix)
+        # The answer starts at the first token that ends past the seam (it may start before it).
+        a = next((i for i, (_, end) in enumerate(offsets) if end > seam), len(ids))
+        if a == len(ids):
+            raise ValueError(f"answer {v!r} has no tokens after probe {prefix!r}")
+        ids = torch.tensor(ids, dtype=torch.long)
+        return ids[:a], ids[a:], [(max(s0, seam) - seam, e - seam) for s0, e in offsets[a:]]
+
+    out: dict[str, list] = {"variants": [], "probes": [], "l0_probes": [] if opener is not None else None,
+                            "units": []}
+    for v in variants:
+        if not v:
+            raise ValueError("an answer variant is empty")
+        ctx, ans, spans = split(probe, v)
+        out["variants"].append(ans)
+        out["probes"].append(ctx)
+        if opener is not None:
+            ctx0, ans0, _ = split(opener + probe, v)
+            if not torch.equal(ans0, ans):
+                raise ValueError(f"mig.l0_opener {opener!r} changes how answer {v!r} tokenizes after the probe")
+            out["l0_probes"].append(ctx0)
+        numbers = [m.span() for m in _NUMBER.finditer(v)]
+        hits = [next((n for n, (ns, ne) in enumerate(numbers) if s0 < ne and ns < e), None) for s0, e in spans]
+        units: list[int] = []
+        for j, hit in enumerate(hits):
+            # A token continues the previous one's unit when both overlap the same number.
+            units.append(units[-1] if j and hit is not None and hit == hits[j - 1] else j)
+        out["units"].append(torch.tensor(units, dtype=torch.long))
+    return out
 
 
 def prompt_rows(model, batch) -> list[dict]:
@@ -333,9 +483,10 @@ def prompt_rows(model, batch) -> list[dict]:
 
 
 def rollout_rows(model, rollouts, cuts: list[list[int]] | None = None,
-                 variants: list[list[torch.Tensor]] | None = None) -> list[ScoreRow]:
+                 answers: list[dict] | None = None) -> list[ScoreRow]:
     """``ScoreRow`` for every completion of a ``Rollouts`` batch; prompt pieces (and image features) are
-    computed once per prompt and shared by the G rows of its group."""
+    computed once per prompt and shared by the G rows of its group. ``answers[i]``: row i's answer fields
+    (``encode_answers``); None scores no answer (completion log-probs only)."""
     prompts = prompt_rows(model, rollouts.prompts)
     lengths = rollouts.completion_mask.sum(-1).tolist()
     rows = []
@@ -344,10 +495,40 @@ def rollout_rows(model, rollouts, cuts: list[list[int]] | None = None,
         rows.append(ScoreRow(
             completion_ids=rollouts.completion_ids[i, :n],
             cuts=cuts[i] if cuts is not None else [],
-            variants=variants[i] if variants is not None else [],
+            **(answers[i] if answers is not None else {"variants": []}),
             **prompts[g],
         ))
     return rows
+
+
+def blind_l0(model, processor, samples: list, rows: list[ScoreRow], probe_ids: torch.Tensor, template=None, *,
+             row_sample: Sequence[int] | None = None, max_tokens_per_batch: int = 16384, answer_score: str = "mean",
+             min_pixels: int | None = None, max_pixels: int | None = None) -> list[float | None]:
+    """``l_0`` of each row with every image removed from its prompt (SPEC section 1, "visual evidence"):
+    ``l_0`` minus this is what the image adds before any step. ``row_sample[i]`` is the index in ``samples``
+    of row i's prompt (default: row i's own); each prompt is encoded once. None for rows without images, or
+    whose prompt is given as ``messages`` (its images cannot be dropped without rewriting the chat)."""
+    from vlm_mig.data.schema import Sample
+    from vlm_mig.processing import encode_prompts, is_processor
+
+    row_sample = list(range(len(rows))) if row_sample is None else list(row_sample)
+    result: list[float | None] = [None] * len(rows)
+    if not is_processor(processor):
+        return result
+    todo = sorted({row_sample[i] for i, r in enumerate(rows)
+                   if r.cuts and samples[row_sample[i]].images and samples[row_sample[i]].question is not None})
+    if not todo:
+        return result
+    blind = [Sample(id=s.id, answer=s.answer, task=s.task, answer_variants=s.answer_variants, question=s.question,
+                    images=[]) for s in (samples[j] for j in todo)]
+    pieces = dict(zip(todo, prompt_rows(model, encode_prompts(processor, blind, template, None, min_pixels,
+                                                              max_pixels))))
+    which = [i for i, r in enumerate(rows) if row_sample[i] in pieces and r.cuts]
+    blind_rows = [replace(first_copy_rows([rows[i]])[0], **pieces[row_sample[i]]) for i in which]
+    for i, sc in zip(which, score_rows(model, blind_rows, probe_ids, max_tokens_per_batch,
+                                       answer_score=answer_score)):
+        result[i] = float(sc.l[0])
+    return result
 
 
 def pad_rows(rows: list[torch.Tensor], length: int) -> torch.Tensor:

@@ -27,6 +27,9 @@ STEP_HEADER = "### Step"
 
 #: Text that closes the reasoning and opens the answer when scoring l_k (SPEC section 2).
 DEFAULT_PROBE = "</think>\n<answer>"
+#: The neutral text l_0 is scored after with ``mig.l0_context: opener``: what every gold solution
+#: (``format_solution``) writes between ``<think>`` and its first step.
+DEFAULT_L0_OPENER = "\n"
 
 
 def format_step(i: int, text: str) -> str:

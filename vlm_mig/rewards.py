@@ -8,7 +8,8 @@
   tags is not paid for the answer by the accuracy reward: honest rewards need a strict default.
 * ``grade(prediction, gold, task)`` compares an extracted answer with the gold answer (or a list of
   equivalent surface forms, ``V(y*)``) by task type: ``math`` (math-verify, time-limited), ``count``
-  (integer), ``numeric`` (tolerance), ``mc`` (option letter), ``text`` (normalised string).
+  (integer), ``numeric`` (exact for integer golds, else a tolerance), ``mc`` (option letter), ``text``
+  (normalised string).
 * ``format_reward`` checks ``<think>…</think>\\s*<answer>…</answer>`` with at least one step.
 * Rewards are plain functions with the TRL signature ``fn(prompts, completions, **columns) ->
   list[float | None]``; ``compute_rewards`` combines a weighted list of them. Built-ins are named
@@ -72,7 +73,8 @@ __all__ = [
 
 #: Seconds math-verify may spend on each parse and each comparison (its own signal-based limit).
 DEFAULT_MATH_TIMEOUT_S = 5.0
-#: Numeric task tolerance: |p - g| <= max(NUMERIC_ABS_TOL, NUMERIC_REL_TOL * |g|).
+#: Numeric task tolerance for non-integer golds: |p - g| <= max(NUMERIC_ABS_TOL, NUMERIC_REL_TOL * |g|).
+#: An integer gold needs exact equality: a relative tolerance would accept 120006 for 120000.
 NUMERIC_REL_TOL = 1e-4
 NUMERIC_ABS_TOL = 1e-6
 
@@ -472,7 +474,8 @@ def grade(
       process otherwise; ``"process"`` always uses the worker, which also survives hangs in C code
       (killed after ``hard_timeout_s``, default ``3 * timeout_s + 2``); ``"inline"`` never does.
     * ``count``: integer equality (``3``, ``3.0``, ``three``, ``3 objects``).
-    * ``numeric``: ``|p - g| <= max(1e-6, 1e-4 * |g|)`` after removing ``,``, ``$`` and ``%``.
+    * ``numeric``: after removing ``,``, ``$`` and ``%``, exact equality when the gold is an integer,
+      else ``|p - g| <= max(1e-6, 1e-4 * |g|)``.
     * ``mc``: the same option letter (``B``, ``(B)``, ``B.``, ``b``).
     * ``text``: equality after lower-casing and removing punctuation, articles and extra space.
     """
@@ -498,7 +501,9 @@ def grade(
             return False
         for g in golds:
             gv = _parse_number(g)
-            if gv is not None and abs(p - gv) <= max(NUMERIC_ABS_TOL, NUMERIC_REL_TOL * abs(gv)):
+            if gv is None or not math.isfinite(gv):
+                continue
+            if p == gv if gv == int(gv) else abs(p - gv) <= max(NUMERIC_ABS_TOL, NUMERIC_REL_TOL * abs(gv)):
                 return True
         return False
     if task == "mc":

@@ -4,13 +4,13 @@ Reads rows with a prompt, a completion and the gold answer; segments the complet
 ``l_0..l_K`` in the packed pass; writes the watermark, the gains ``g_k`` and ``R_proc`` per row. With
 ``explain``, each row also carries, for every k, the exact token ids of the naive sequence
 ``prefix_k + probe + answer`` (for the variant that gave the max), so anyone can re-check a score with a
-plain forward pass: ``l_k`` = mean log-prob of ``input_ids[answer_start:]``.
+plain forward pass: ``l_k`` = mean log-prob of ``input_ids[answer_start:]`` (``answer_score: mean``).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,20 @@ from tqdm.auto import tqdm
 
 from vlm_mig.data.loaders import FieldMap, load_jsonl
 from vlm_mig.data.schema import DataError, Sample, where
-from vlm_mig.mig import ScoreRow, prompt_rows, score_rows, step_gains, watermark
-from vlm_mig.processing import PromptTemplate, encode_prompts, is_processor, tokenizer_of
-from vlm_mig.prompts import DEFAULT_PROBE, format_solution
+from vlm_mig.mig import (
+    ANSWER_SCORES,
+    L0_CONTEXTS,
+    ScoreRow,
+    blind_l0,
+    encode_answers,
+    first_copy_rows,
+    prompt_rows,
+    score_rows,
+    step_gains,
+    watermark,
+)
+from vlm_mig.processing import PromptTemplate, encode_prompts, tokenizer_of
+from vlm_mig.prompts import DEFAULT_L0_OPENER, DEFAULT_PROBE, format_solution
 from vlm_mig.steps import StepConfig, segment
 
 
@@ -35,6 +46,20 @@ class ScoreConfig:
     batch_size: int = 8  #: rows encoded and scored together
     max_tokens_per_batch: int = 16384  #: bound on padded tokens per packed forward
     visual_evidence: bool = False  #: also score l_0 with the images removed (language-prior check)
+    l0_context: str = "empty_think"  #: where l_0 is scored: empty_think | opener (after ``l0_opener``)
+    l0_opener: str = DEFAULT_L0_OPENER  #: the neutral text after ``<think>`` that l_0 follows with ``opener``
+    answer_score: str = "mean"  #: how the answer's token log-probs become l_k: mean | sum | digits
+    watermark: bool = True  #: False: gains are the raw l_k - l_{k-1} (ablation)
+    min_gain: float = 0.0  #: a gain below this (nats) counts as 0
+    compare_options: bool = False  #: also report l under every answer score and l_0 under every context
+
+    def __post_init__(self) -> None:
+        if self.l0_context not in L0_CONTEXTS:
+            raise ValueError(f"l0_context must be one of {L0_CONTEXTS}, got {self.l0_context!r}")
+        if self.answer_score not in ANSWER_SCORES:
+            raise ValueError(f"answer_score must be one of {ANSWER_SCORES}, got {self.answer_score!r}")
+        if self.min_gain < 0:
+            raise ValueError(f"min_gain must be >= 0, got {self.min_gain}")
 
 
 def read_score_rows(path: str | Path, task: str = "text") -> list[Sample]:
@@ -57,11 +82,16 @@ def read_score_rows(path: str | Path, task: str = "text") -> list[Sample]:
 
 def score_samples(model, processor, samples: list[Sample], cfg: ScoreConfig | None = None,
                   explain: bool = False, progress: bool = True) -> list[dict[str, Any]]:
-    """Score each sample's ``meta['completion']``; return one output dict per sample (input fields kept)."""
+    """Score each sample's ``meta['completion']``; return one output dict per sample (input fields kept).
+
+    With ``cfg.compare_options`` each row also has ``l_by_answer_score`` (``l`` under every answer score)
+    and ``l0_by_context`` (``l_0`` under every l_0 context and answer score), from one extra pass over
+    copy 0 alone."""
     cfg = cfg or ScoreConfig()
     tok = tokenizer_of(processor)
-    probe = torch.tensor(tok.encode(cfg.probe, add_special_tokens=False))
+    probe = torch.tensor(tok.encode(cfg.probe, add_special_tokens=False), dtype=torch.long)
     step_cfg = StepConfig(min_step_chars=cfg.min_step_chars, max_steps=cfg.max_steps)
+    opener = cfg.l0_opener if cfg.l0_context == "opener" else None
     out: list[dict[str, Any]] = []
     model.eval()
     bar = tqdm(total=len(samples), desc="score", disable=not progress)
@@ -74,44 +104,48 @@ def score_samples(model, processor, samples: list[Sample], cfg: ScoreConfig | No
             for p, s in zip(prompts, chunk):
                 ids = torch.tensor(tok.encode(s.meta["completion"], add_special_tokens=False), dtype=torch.long)
                 sp = segment(ids, tok, config=step_cfg)
-                variants = [torch.tensor(tok.encode(v, add_special_tokens=False)) for v in s.variants]
-                rows.append(ScoreRow(completion_ids=ids, cuts=sp.prefix_ends if sp.think else [], variants=variants,
-                                     **p))
+                rows.append(ScoreRow(completion_ids=ids, cuts=sp.prefix_ends if sp.think else [],
+                                     **encode_answers(tok, s.variants, cfg.probe, opener), **p))
                 spans.append(sp)
-            scores = score_rows(model, rows, probe, cfg.max_tokens_per_batch)
-            no_image = _visual_evidence(model, processor, chunk, rows, probe, cfg) if cfg.visual_evidence else None
+            scores = score_rows(model, rows, probe, cfg.max_tokens_per_batch, answer_score=cfg.answer_score)
+            no_image = (blind_l0(model, processor, chunk, rows, probe, PromptTemplate(),
+                                 max_tokens_per_batch=cfg.max_tokens_per_batch, answer_score=cfg.answer_score)
+                        if cfg.visual_evidence else None)
+            other_l0 = _other_l0(model, tok, chunk, rows, probe, cfg) if cfg.compare_options else None
         for i, (s, r, sp, sc) in enumerate(zip(chunk, rows, spans, scores)):
-            out.append(_row_output(s, r, sp, sc, probe, explain, None if no_image is None else no_image[i]))
+            rec = _row_output(s, r, sp, sc, probe, cfg, explain, None if no_image is None else no_image[i])
+            if other_l0 is not None and sc.l.numel():
+                rec["l_by_answer_score"] = {m: [round(float(x), 6) for x in v] for m, v in sc.l_by_score.items()}
+                rec["l0_by_context"] = {cfg.l0_context: {m: round(float(v[0]), 6) for m, v in sc.l_by_score.items()},
+                                        **other_l0[i]}
+            out.append(rec)
         bar.update(len(chunk))
     bar.close()
     return out
 
 
-def _visual_evidence(model, processor, samples, rows, probe, cfg) -> list[float | None]:
-    """l_0 with every image removed from the prompt (None for samples without images)."""
-    if not is_processor(processor):
-        return [None] * len(samples)
-    blind = [Sample(id=s.id, answer=s.answer, task=s.task, answer_variants=s.answer_variants,
-                    question=s.question or "", images=[]) if s.images and s.question is not None else None
-             for s in samples]
-    todo = [i for i, b in enumerate(blind) if b is not None]
-    result: list[float | None] = [None] * len(samples)
-    if not todo:
-        return result
-    batch = encode_prompts(processor, [blind[i] for i in todo], PromptTemplate())
-    prompts = prompt_rows(model, batch)
-    blind_rows = [ScoreRow(completion_ids=rows[i].completion_ids, cuts=rows[i].cuts[:1], variants=rows[i].variants,
-                           **p) for i, p in zip(todo, prompts)]
-    for i, sc in zip(todo, score_rows(model, blind_rows, probe, cfg.max_tokens_per_batch)):
-        result[i] = float(sc.l[0]) if sc.l.numel() else None
-    return result
+def _other_l0(model, tok, samples, rows, probe, cfg: ScoreConfig) -> list[dict]:
+    """l_0 under the l_0 context(s) ``cfg`` does not use, every answer score, from copy 0 alone."""
+    out: list[dict] = [{} for _ in rows]
+    for ctx in L0_CONTEXTS:
+        if ctx == cfg.l0_context:
+            continue
+        opener = cfg.l0_opener if ctx == "opener" else None
+        alt = [replace(r, l0_probes=encode_answers(tok, s.variants, cfg.probe, opener)["l0_probes"])
+               for r, s in zip(rows, samples)]
+        which = [i for i, r in enumerate(alt) if r.cuts]
+        for i, sc in zip(which, score_rows(model, first_copy_rows([alt[i] for i in which]), probe,
+                                           cfg.max_tokens_per_batch)):
+            out[i][ctx] = {m: round(float(v[0]), 6) for m, v in sc.l_by_score.items()}
+    return out
 
 
-def _row_output(s: Sample, row: ScoreRow, sp, sc, probe, explain: bool, l0_no_image: float | None) -> dict:
+def _row_output(s: Sample, row: ScoreRow, sp, sc, probe, cfg: ScoreConfig, explain: bool,
+                l0_no_image: float | None) -> dict:
     l = sc.l.float().cpu()
     K = l.numel() - 1
-    h = watermark(l) if K >= 0 else l
-    gains = step_gains(l) if K >= 1 else l.new_zeros(0)
+    h = watermark(l, min_gain=cfg.min_gain) if K >= 0 else l
+    gains = step_gains(l, use_watermark=cfg.watermark, min_gain=cfg.min_gain) if K >= 1 else l.new_zeros(0)
     rec: dict[str, Any] = {"id": s.id}
     rec.update(
         steps=sp.texts,
@@ -127,9 +161,11 @@ def _row_output(s: Sample, row: ScoreRow, sp, sc, probe, explain: bool, l0_no_im
         prompt = row.prompt_ids.tolist()
         seqs = []
         for k, c in enumerate(row.cuts):
-            prefix = prompt + row.completion_ids[:c].tolist() + probe.tolist()
-            seqs.append({"input_ids": prefix + row.variants[best[k]].tolist(), "answer_start": len(prefix),
-                         "variant": s.variants[best[k]]})
+            j = best[k]
+            ctx = row.l0_probes if k == 0 and row.l0_probes is not None else row.probes
+            prefix = prompt + row.completion_ids[:c].tolist() + (probe if ctx is None else ctx[j]).tolist()
+            seqs.append({"input_ids": prefix + row.variants[j].tolist(), "answer_start": len(prefix),
+                         "variant": s.variants[j]})
         rec["sequences"] = seqs
     return rec
 

@@ -26,24 +26,32 @@ import torch
 from torch import nn
 
 from vlm_mig import checkpoint as ckpt
-from vlm_mig.advantages import compute_advantages, group_normalize, token_advantages, within_group_credit
+from vlm_mig.advantages import (
+    compute_advantages,
+    group_normalize,
+    process_token_mask,
+    step_normalize,
+    token_advantages,
+    within_group_credit,
+)
 from vlm_mig.config import Config, ConfigError, save_config
 from vlm_mig.data.schema import DataError, Sample
 from vlm_mig.data.sources import load_source
 from vlm_mig.losses import Denominators, sft_gate, total_loss
 from vlm_mig.mig import (
     ScoreRow,
+    blind_l0,
+    encode_answers,
     packed_forward,
     pad_logprobs,
     pad_rows,
-    process_reward,
     prompt_rows,
     rollout_rows,
     score_rows,
     step_gains,
 )
 from vlm_mig.models import load_model, load_processor, tiny_model_dir
-from vlm_mig.processing import PromptTemplate, encode_prompts, tokenizer_of
+from vlm_mig.processing import PromptTemplate, encode_prompts, is_processor, tokenizer_of
 from vlm_mig.prompts import SYSTEM_PROMPT, format_solution
 from vlm_mig.rewards import RewardSpec, compute_rewards
 from vlm_mig.rollout import Rollouts, make_engine, select_prompts
@@ -347,20 +355,32 @@ class Trainer:
 
         # Packed scoring: every l_k, and old log-probs when the update makes several passes.
         t0 = time.perf_counter()
-        need_mig = cfg.loss.alpha != 0 or cfg.loss.sft_gate_proc or cfg.advantage.process_credit == "step"
+        m = cfg.mig
+        need_mig = (cfg.loss.alpha != 0 or cfg.loss.sft_gate_proc or cfg.advantage.process_credit == "step"
+                    or m.visual_evidence)
         need_old = cfg.trainer.num_iterations > 1
         K = torch.tensor([sp.K for sp in spans])
         r_proc = torch.zeros(N)
         gains = torch.zeros(N, 0)
         old_logp = None
         l_pad = None
+        evidence: list[float | None] = [None] * N
         if need_mig or need_old:
             cuts = [sp.prefix_ends if (need_mig and sp.think) else [] for sp in spans]
-            variants = [[torch.tensor(self.tok.encode(v, add_special_tokens=False)) for v in s.variants]
-                        if need_mig else [] for s in rows_samples]
+            opener = m.l0_opener if m.l0_context == "opener" else None
+            per_group: dict[int, dict] = {}  # the G rollouts of a prompt share its answer forms
+            for i, s in enumerate(rows_samples):
+                if need_mig and int(r.group[i]) not in per_group:
+                    per_group[int(r.group[i])] = encode_answers(self.tok, s.variants, m.probe, opener)
+            answers = [per_group[int(g)] if need_mig else {"variants": []} for g in r.group]
             with torch.no_grad(), self.acc.autocast():
-                scores = score_rows(self.model, rollout_rows(self.model, r, cuts, variants), self.probe,
-                                    cfg.mig.max_tokens_per_batch)
+                rows = rollout_rows(self.model, r, cuts, answers)
+                scores = score_rows(self.model, rows, self.probe, m.max_tokens_per_batch, answer_score=m.answer_score)
+                if m.visual_evidence and is_processor(self.processor):
+                    evidence = blind_l0(self.model, self.processor, r.samples, rows, self.probe, self.template,
+                                        row_sample=[int(g) for g in r.group],
+                                        max_tokens_per_batch=m.max_tokens_per_batch, answer_score=m.answer_score,
+                                        min_pixels=cfg.rollout.min_pixels, max_pixels=cfg.rollout.max_pixels)
             if need_mig:
                 kmax = max(1, max(len(c) for c in cuts))
                 l_pad = torch.zeros(N, kmax)
@@ -369,8 +389,8 @@ class Trainer:
                     n = s.l.numel()
                     l_pad[i, :n] = s.l.cpu()
                     valid[i, :n] = True
-                r_proc = process_reward(l_pad, valid)
-                gains = step_gains(l_pad, valid)
+                gains = step_gains(l_pad, valid, use_watermark=m.watermark, min_gain=m.min_gain)
+                r_proc = gains.sum(-1)
             if need_old:
                 old_logp = pad_logprobs(scores, T)
         ref_logp = None
@@ -381,8 +401,9 @@ class Trainer:
         times["score"] = time.perf_counter() - t0
 
         adv = self._advantages(r_out, r_proc, m_full, m_cot, G, gains, K, spans, T)
-        gate = sft_gate(acc, fmt, r_proc, gate_proc=cfg.loss.sft_gate_proc)
-        den = self._global_denominators(m_cot, m_full, gate)
+        gate = sft_gate(acc, fmt, r_proc, gate_proc=cfg.loss.sft_gate_proc, gates=cfg.loss.sft_gates)
+        m_proc = process_token_mask(m_full, m_cot, cfg.advantage.process_mask)
+        den = self._global_denominators(m_proc, m_full, gate)
 
         t0 = time.perf_counter()
         diags: list[tuple[int, dict[str, torch.Tensor]]] = []
@@ -394,7 +415,7 @@ class Trainer:
                 logp = self._logp(r, idx, T)
                 sl = torch.tensor(idx)
                 loss, diag = total_loss(
-                    logp, None if old_logp is None else old_logp[sl].to(dev), m_full[sl].to(dev), m_cot[sl].to(dev),
+                    logp, None if old_logp is None else old_logp[sl].to(dev), m_full[sl].to(dev), m_proc[sl].to(dev),
                     adv.tok_out[sl].to(dev), adv.tok_proc[sl].to(dev), cfg.loss,
                     ref_logp=None if ref_logp is None else ref_logp[sl].to(dev),
                     acc=acc[sl].to(dev), fmt=fmt[sl].to(dev), r_proc=r_proc[sl].to(dev), denominators=den,
@@ -416,8 +437,11 @@ class Trainer:
             "mig/process_reward": float(r_proc.mean()),
             "mig/K": float(K.float().mean()),
             "mig/l0": float(l_pad[:, 0].mean()) if l_pad is not None else float("nan"),
+            **_signal_metrics(l_pad, gains, r_proc, G, evidence),
             "adv/zero_std_out": adv.zero_std_out,
             "adv/zero_std_proc": adv.zero_std_proc,
+            "adv/below_min_spread": adv.below_min_spread,
+            "adv/proc_abs_mean": float(adv.seq_proc.abs().mean()),
             "length/completion": float(lengths.float().mean()),
             "length/cot": float(m_cot.sum(-1).float().mean()),
             "optim/grad_norm": grad_norm,
@@ -431,7 +455,7 @@ class Trainer:
             metrics.update({f"credit/{k}": v for k, v in credit.items()})
         metrics = self._reduce_metrics(metrics)
         if self.is_main and self.cfg.trainer.sample_log_steps and self.step % self.cfg.trainer.sample_log_steps == 0:
-            self.log.samples(self.step + 1, r, spans, l_pad, rew, r_proc)
+            self.log.samples(self.step + 1, r, spans, l_pad, rew, r_proc, gains, evidence)
         return metrics
 
     def sft_step(self) -> dict[str, float]:
@@ -484,15 +508,16 @@ class Trainer:
 
     def _advantages(self, r_out, r_proc, m_full, m_cot, G, gains, K, spans, T):
         cfg = self.cfg.advantage
+        floor = self.cfg.mig.min_spread
         step_kw = {}
         if cfg.process_credit == "step":
             kmax = gains.shape[1]
             step_mask = torch.arange(kmax).unsqueeze(0) < K.unsqueeze(1)
             step_kw = {"step_gains": gains, "step_mask": step_mask, "token_step": step_index(spans, T)}
+        adv = compute_advantages(r_out, r_proc, m_full, m_cot, G, cfg, min_spread=floor, **step_kw)
         if self.acc.num_processes == 1 or cfg.scale != "batch":
             # Groups never cross processes, so group statistics are local.
-            return compute_advantages(r_out, r_proc, m_full, m_cot, G, cfg, **step_kw)
-        adv = compute_advantages(r_out, r_proc, m_full, m_cot, G, cfg, **step_kw)
+            return adv
         # Batch-std scaling needs the global batch: normalise the gathered rewards, keep this process's rows.
         rank, n = self.acc.process_index, r_out.numel()
         mine = slice(rank * n, (rank + 1) * n)
@@ -500,9 +525,20 @@ class Trainer:
         all_proc = self.acc.gather(r_proc.to(self.acc.device)).cpu()
         adv.seq_out = group_normalize(all_out, G, scale="batch", eps=cfg.eps)[mine]
         adv.tok_out = token_advantages(adv.seq_out, m_full)
+        adv.seq_proc = group_normalize(all_proc, G, scale="batch", eps=cfg.eps, min_spread=floor)[mine]
         if cfg.process_credit == "trajectory":
-            adv.seq_proc = group_normalize(all_proc, G, scale="batch", eps=cfg.eps)[mine]
-            adv.tok_proc = token_advantages(adv.seq_proc, m_cot)
+            adv.tok_proc = token_advantages(adv.seq_proc, process_token_mask(m_full, m_cot, cfg.process_mask))
+        else:
+            # Each process has as many step columns as its longest K: pad to the widest before gathering.
+            width = gains.shape[1]
+            stacked = torch.cat([gains, step_kw["step_mask"].float()], dim=1).to(self.acc.device)
+            widest = int(self.acc.gather(torch.tensor([width], device=self.acc.device)).max())
+            stacked = torch.cat([stacked[:, :width], stacked.new_zeros(n, widest - width),
+                                 stacked[:, width:], stacked.new_zeros(n, widest - width)], dim=1)
+            stacked = self.acc.gather(stacked).cpu()
+            step_adv = step_normalize(stacked[:, :widest], stacked[:, widest:].bool(), G, scale="batch", eps=cfg.eps,
+                                      min_spread=floor)[mine, :width]
+            adv.tok_proc = token_advantages(None, m_cot, step_adv=step_adv, token_step=step_kw["token_step"])
         return adv
 
     def _global_denominators(self, m_cot, m_full, gate) -> Denominators:
@@ -593,6 +629,23 @@ class Trainer:
         return final
 
 
+def _signal_metrics(l_pad: torch.Tensor | None, gains: torch.Tensor, r_proc: torch.Tensor, G: int,
+                    evidence: list[float | None]) -> dict[str, float]:
+    """How much the process signal carries: the spread of R_proc within groups (what the noise floor
+    ``mig.min_spread`` is compared with), the share of all gain earned by the first step, and the visual
+    evidence ``l_0 - l_0 without the image`` (``mig.visual_evidence``; NaN when not computed)."""
+    if l_pad is None:
+        return {}
+    spread = r_proc.view(-1, G).amax(-1) - r_proc.view(-1, G).amin(-1)
+    total = float(gains.clamp_min(0).sum())
+    seen = [float(l_pad[i, 0]) - e for i, e in enumerate(evidence) if e is not None]
+    return {
+        "mig/proc_spread": float(spread.mean()),
+        "mig/first_step_share": float(gains[:, :1].clamp_min(0).sum()) / total if total > 0 else float("nan"),
+        "mig/visual_evidence": sum(seen) / len(seen) if seen else float("nan"),
+    }
+
+
 #: Diagnostics that are sums over micro-batches (each micro-batch holds its share of a batch-level value).
 _ADDITIVE = ("loss", "pg_proc", "pg_out", "kl", "sft", "sft_gated")
 
@@ -658,7 +711,7 @@ class RunLog:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
-    def samples(self, step: int, r: Rollouts, spans, l_pad, rew, r_proc, limit: int = 4) -> None:
+    def samples(self, step: int, r: Rollouts, spans, l_pad, rew, r_proc, gains, evidence, limit: int = 4) -> None:
         if not self.enabled:
             return
         with open(self.out / "samples.jsonl", "a") as f:
@@ -669,9 +722,10 @@ class RunLog:
                        "completion": r.texts[i], "steps": spans[i].texts, "reward": rew.total[i],
                        "process_reward": float(r_proc[i])}
                 if l_pad is not None and spans[i].think is not None:
-                    ls = l_pad[i, : K + 1]
-                    rec["l"] = [round(float(x), 5) for x in ls]
-                    rec["gains"] = [round(float(x), 5) for x in step_gains(ls)] if K else []
+                    rec["l"] = [round(float(x), 5) for x in l_pad[i, : K + 1]]
+                    rec["gains"] = [round(float(x), 5) for x in gains[i, :K]]
+                    if evidence[i] is not None:
+                        rec["visual_evidence_gain"] = round(float(l_pad[i, 0]) - evidence[i], 5)
                 f.write(json.dumps(rec) + "\n")
 
     def close(self) -> None:
