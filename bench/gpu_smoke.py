@@ -122,7 +122,7 @@ def rescore_rollouts(model, processor, template, samples, r, probe, K, pixels, d
     tok = tokenizer_of(processor)
     answers = [torch.tensor(tok.encode(r.sample_of(i).answer, add_special_tokens=False)) for i in range(len(lengths))]
     with torch.no_grad(), acc.autocast():
-        packed = score_rows(model, rollout_rows(model, r, cuts, [[a] for a in answers]), probe)
+        packed = score_rows(model, rollout_rows(model, r, cuts, [{"variants": [a]} for a in answers]), probe)
         naive = naive_scores(model, processor, template, samples,
                              [(int(r.group[i]), r.completion_ids[i, : lengths[i]], cuts[i], answers[i]) for i in picks],
                              probe, pixels, device)

@@ -1,109 +1,79 @@
-"""Can the embedded tiny Qwen2-VL learn the synthetic CLEVR-like counting task on 2 CPU cores in minutes?
+"""Does the embedded tiny Qwen2-VL see? SFT on CLEVR-like multi-step counting, against its controls.
 
-Supervised warm start on gold step-by-step solutions (loss on completion tokens only), through the same
-packed teacher-forced pass the RL scorer uses, then greedy held-out accuracy (graded by ``vlm_mig.rewards``)
-at fixed wall-clock checkpoints. The random patch embedding is frozen (see README: it otherwise blows up
-under AdamW and the image is ignored).
+The demo's first half, with a learning curve: the tiny VLM with its vision warm-up (built once, cached), the
+demo's data (multi-step questions, condition A; the OOD set under condition B), then two identical SFT runs
+side by side, one on the real scenes and one on blank (constant grey) images, each validated on its own ID set
+every ``--eval-every`` steps and evaluated greedily at the end. Reported beside each other: accuracy, the
+blind prior (the most common training answer per question type), the share of completions whose stated counts
+all match the scene, and the number of distinct greedy answers. A model that reads the question but not the
+image lands at the blank-image control; one that sees lands clearly above it and the blind prior.
 
-    python bench/tiny_learnability.py [--minutes 4] [--eval-every 60] [--json out.json]
+    python bench/tiny_learnability.py [--out runs/tiny_learnability] [--sft-steps 600] [--eval-every 200]
+                                      [--json out.json] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import random
-import tempfile
+import os
 import time
 from pathlib import Path
 
-import torch
-
-from vlm_mig.data.loaders import load_jsonl
-from vlm_mig.data.synthetic import write_clevr
-from vlm_mig.mig import ScoreRow, packed_forward, prompt_rows
-from vlm_mig.models import build_tiny, load_model, load_processor
-from vlm_mig.processing import encode_prompts, tokenizer_of
-from vlm_mig.prompts import format_solution
-from vlm_mig.rewards import extract_answer, grade, is_well_formatted
-from vlm_mig.rollout import RolloutConfig, make_engine
-
-
-def sft_loss(model, processor, samples) -> torch.Tensor:
-    tok = tokenizer_of(processor)
-    batch = encode_prompts(processor, samples)
-    prompts = prompt_rows(model, batch)
-    rows = []
-    for p, s in zip(prompts, samples):
-        ids = tok.encode(format_solution(s.gold_steps, s.answer) + tok.eos_token, add_special_tokens=False)
-        rows.append(ScoreRow(completion_ids=torch.tensor(ids), cuts=[], variants=[], **p))
-    scores = packed_forward(model, rows, torch.zeros(0, dtype=torch.long))
-    return -torch.cat([s.completion_logprobs for s in scores]).mean()
-
-
-def evaluate(model, processor, samples) -> dict:
-    engine = make_engine(RolloutConfig(num_generations=1, temperature=0.0, max_new_tokens=96), model, processor)
-    correct = fmt = 0
-    for i in range(0, len(samples), 25):
-        chunk = samples[i : i + 25]
-        r = engine.generate(chunk)
-        for s, text in zip(chunk, r.texts):
-            pred = extract_answer(text)
-            correct += pred is not None and grade(pred, s.variants, s.task)
-            fmt += is_well_formatted(text)
-    return {"accuracy": correct / len(samples), "format": fmt / len(samples)}
+from vlm_mig import report as rep
+from vlm_mig.demo import DEFAULT, QUICK
+from vlm_mig.demo import data as dd
+from vlm_mig.demo.run import _Timer, build_model, machine, make_data, sft_phase
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=4.0)
-    ap.add_argument("--eval-every", type=float, default=60.0, help="seconds of training between evaluations")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--n-train", type=int, default=4000)
-    ap.add_argument("--n-test", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="runs/tiny_learnability")
+    ap.add_argument("--sft-steps", type=int, default=None, help=f"default: the demo's ({DEFAULT.sft_steps})")
+    ap.add_argument("--eval-every", type=int, default=200, help="validation on the ID set every N SFT steps")
+    ap.add_argument("--quick", action="store_true", help="the demo's --quick sizes (a smoke test)")
     ap.add_argument("--json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        t0 = time.perf_counter()
-        write_clevr(tmp / "train", n=args.n_train, condition="A", seed=1)
-        write_clevr(tmp / "test", n=args.n_test, condition="A", seed=2)
-        train = load_jsonl(tmp / "train" / "data.jsonl", task="count")
-        test = load_jsonl(tmp / "test" / "data.jsonl", task="count")
-        print(f"data: {len(train)} train / {len(test)} test scenes in {time.perf_counter() - t0:.1f} s")
-        model_dir = build_tiny(tmp / "tiny", arch="qwen2-vl", seed=0)
-        model = load_model(model_dir)
-        processor = load_processor(model_dir)
-        n_params = sum(p.numel() for p in model.parameters())
-        model.model.visual.patch_embed.requires_grad_(False)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-        rng = random.Random(0)
-        curve = [{"train_s": 0.0, "step": 0, **evaluate(model, processor, test)}]
-        print(f"model: {n_params / 1e6:.2f}M parameters; step 0: {curve[-1]}", flush=True)
-        step, train_s, next_eval = 0, 0.0, args.eval_every
-        while train_s < args.minutes * 60:
-            t = time.perf_counter()
-            model.train()
-            loss = sft_loss(model, processor, rng.sample(list(train), args.batch_size))
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            train_s += time.perf_counter() - t
-            step += 1
-            if train_s >= next_eval or train_s >= args.minutes * 60:
-                model.eval()
-                curve.append({"train_s": round(train_s, 1), "step": step, "loss": round(loss.item(), 4),
-                              **evaluate(model, processor, test)})
-                print(curve[-1], flush=True)
-                next_eval += args.eval_every
-        print(f"\n{step} steps of batch {args.batch_size} in {train_s:.0f} s ({train_s / step:.3f} s/step)")
-        if args.json:
-            Path(args.json).write_text(json.dumps({"params": n_params, "curve": curve, **vars(args)}, indent=2))
+    plan = QUICK if args.quick else DEFAULT
+    if args.sft_steps:
+        plan = dataclasses.replace(plan, sft_steps=args.sft_steps)
+    out = Path(args.out)
+    timer, per_job, viewer = _Timer(), {}, {}
+    results: dict = {}
+    t0 = time.perf_counter()
+    model_path, warmup = timer.run("model (vision warm-up)", build_model, plan)
+    paths = timer.run("data", make_data, plan, out / "data")
+    blind = dd.blind_baseline(dd.load(paths["train"]), {"id": dd.load(paths["id"]), "ood": dd.load(paths["ood"])})
+    parallel = (os.cpu_count() or 1) >= 2
+    sft_phase(plan, paths, out, threads=1, report_to=[], parallel=parallel, results=results, viewer=viewer,
+              timer=timer, per_job=per_job, validate_every=args.eval_every)
+    total = time.perf_counter() - t0
+
+    curves = {label: rep.series(rep.read_jsonl(out / "runs" / label / "metrics.jsonl"), "val/accuracy")
+              for label in ("sft", "sft-blank")}
+    rows = []
+    for label, name in (("sft", "SFT, real images"), ("sft-blank", "SFT, blank images (control)")):
+        r = results[label]
+        rows.append([name, *[f"{100 * r[s]['accuracy']:.1f}%" for s in ("id", "ood")],
+                     *[f"{100 * r[s]['counts_match_scene']:.1f}%" for s in ("id", "ood")],
+                     r["id"]["distinct_answers"], " -> ".join(f"{100 * v:.0f}% ({k})" for k, v in zip(*curves[label]))])
+    rows.append(["blind prior (most common training answer per question type)",
+                 *[f"{100 * blind[s]['accuracy']:.1f}%" for s in ("id", "ood")], "–", "–", "–", ""])
+    print(rep.markdown_table(["model", "ID accuracy", "OOD accuracy", "ID counts match scene",
+                              "OOD counts match scene", "distinct ID answers",
+                              f"ID validation ({plan.val_scenes} items) by SFT step"], rows))
+    margin = results["sft"]["id"]["accuracy"] - blind["id"]["accuracy"]
+    control = results["sft"]["id"]["accuracy"] - results["sft-blank"]["id"]["accuracy"]
+    print(f"\nSFT on real images: {100 * margin:+.1f} points over the blind prior, {100 * control:+.1f} over the "
+          f"blank-image control ({plan.sft_steps} steps of {plan.sft_batch}; {rep.fmt_seconds(total)} in all)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "plan": dataclasses.asdict(plan), "machine": machine(), "model": str(model_path), "warmup": warmup,
+            "results": results, "blind_baseline": blind, "validation_curves": curves,
+            "margin_over_blind_prior": margin, "margin_over_blank_control": control,
+            "wall_time_s": {**{k: round(v, 1) for k, v in timer.phases.items()}, "total": round(total, 1)},
+            "job_time_s": {k: round(v, 1) for k, v in per_job.items()}}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

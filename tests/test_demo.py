@@ -90,9 +90,18 @@ def test_quick_demo_writes_every_output_and_each_parses(tmp_path):
 
     results = json.loads((out / "results.json").read_text())
     assert results["command"] == f"vlm-mig demo --out {out} --quick"
-    for model in ("sft",):
+    for model in ("sft", "sft-blank"):
         for split in ("id", "ood"):
-            assert 0.0 <= results["results"][model][split]["accuracy"] <= 1.0
+            r = results["results"][model][split]
+            assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["counts_match_scene"] <= 1.0
+            assert len(r["correct"]) == results["plan"]["test_scenes"] and r["distinct_answers"] >= 0
+    for split in ("id", "ood"):
+        p = results["paired"][split]
+        assert p["items"] == results["plan"]["test_scenes"] and p["ci95"][0] <= p["mean"] <= p["ci95"][1]
+    assert results["warmup"]["config"]["steps"] == results["plan"]["warmup_steps"]
+    # the control saw only the grey image: every row of its training set points at it
+    blank_rows = rep.read_jsonl(Path(results["data"]["blank"]["train"]))
+    assert {tuple(r["images"]) for r in blank_rows} == {("blank.png",)}
     for method in ("grpo", "mig"):
         (run,) = results["results"][method]
         assert run["seed"] == 0 and set(run) >= {"id", "ood", "run"}
@@ -110,9 +119,18 @@ def test_quick_demo_writes_every_output_and_each_parses(tmp_path):
     assert (grpo["loss"]["alpha"], grpo["loss"]["gamma"], mig["loss"]["alpha"], mig["loss"]["gamma"]) == (0, 0, 1, 0.1)
     for cfg in (grpo, mig):
         cfg["loss"].pop("alpha"), cfg["loss"].pop("gamma"), cfg["trainer"].pop("output_dir")
+        cfg["trainer"].pop("progress_desc")
     assert grpo == mig
+    # the SFT and its control differ only in the training images (and the output folder)
+    sft = yaml.safe_load((out / "configs" / "sft.yaml").read_text())
+    blank = yaml.safe_load((out / "configs" / "sft-blank.yaml").read_text())
+    assert Path(blank["data"]["train"]).name == "data-blank.jsonl"
+    for cfg in (sft, blank):
+        cfg["data"].pop("train"), cfg["trainer"].pop("output_dir"), cfg["trainer"].pop("progress_desc")
+    assert sft == blank
     wall = results["wall_time_s"]
-    assert wall["total"] > 0 and {"data", "sft train", "grpo seed 0 train", "mig seed 0 train"} <= set(wall)
+    assert wall["total"] > 0
+    assert {"data", "sft train", "sft-blank train", "grpo-seed0 train", "mig-seed0 train"} <= set(wall)
 
     with Image.open(out / "curves.png") as im:
         im.verify()
@@ -125,10 +143,12 @@ def test_quick_demo_writes_every_output_and_each_parses(tmp_path):
     assert c.counts.get("svg", 0) >= 4 and c.counts.get("img", 0) >= 4  # an l_k curve and the scene per card
 
     md = (out / "report.md").read_text()
-    for needle in ("| model | ID accuracy | OOD accuracy", "| SFT (start) |", "| GRPO |", "| MIG |", "## Wall time",
-                   "curves.png", "smoke test"):
+    for needle in ("| model | ID accuracy | OOD accuracy", "| SFT start |", "| GRPO |", "| MIG |", "## Wall time",
+                   "curves.png", "smoke test", "| SFT on blank images", "MIG against GRPO, paired",
+                   "Where the process reward goes (within groups)", "| blind prior"):
         assert needle in md, needle
-    for sub in ("eval/sft/id.jsonl", "eval/grpo-seed0/ood.jsonl", "eval/mig-seed0/id.jsonl"):
+    for sub in ("eval/sft/id.jsonl", "eval/sft-blank/ood.jsonl", "eval/grpo-seed0/ood.jsonl",
+                "eval/mig-seed0/id.jsonl"):
         rows = rep.read_jsonl(out / sub)
         assert len(rows) == results["plan"]["test_scenes"]
 
@@ -188,3 +208,53 @@ def test_l_curve_svg_parses(l):
     c = _Checker()
     c.feed(svg)
     assert not c.errors and c.counts["circle"] == len(l) and c.counts["polyline"] == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# The demo's measurements on hand-made inputs
+
+
+def test_paired_difference_by_hand():
+    from vlm_mig.demo.measure import paired_difference
+
+    grpo = [[True, False, False, True], [True, True, False, False]]
+    mig = [[True, True, False, True], [False, True, True, False]]
+    # per item, mean over the two seeds of mig - grpo: (0 - 1) / 2, (1 + 0) / 2, (0 + 1) / 2, 0 -> mean +0.125
+    p = paired_difference(grpo, mig, n_boot=500)
+    assert p["mean"] == 0.125 and p["items"] == 4 and p["seeds"] == 2
+    lo, hi = p["ci95"]
+    assert -0.5 <= lo < 0.125 < hi <= 0.5  # resample means lie in [-0.5, 0.5]
+    same = paired_difference(grpo, grpo, n_boot=100)
+    assert same["mean"] == 0 and same["ci95"] == [0.0, 0.0]
+    with pytest.raises(ValueError):
+        paired_difference(grpo, mig[:1], n_boot=10)
+
+
+def test_credit_over_training_pools_steps_as_counts():
+    from vlm_mig.demo.measure import credit_over_training
+
+    rows = [{"step": 1, "credit/mixed_groups": 1.0, "credit/correct_higher": 1.0, "credit/correct_lower": 0.0,
+             "credit/corr_groups": 1.0, "credit/corr": 0.5},
+            {"step": 2, "credit/mixed_groups": 3.0, "credit/correct_higher": 0.0, "credit/correct_lower": 2 / 3,
+             "credit/corr_groups": 3.0, "credit/corr": -0.5},
+            {"step": 3, "credit/mixed_groups": 0.0, "credit/correct_higher": None, "credit/correct_lower": None,
+             "credit/corr_groups": 0.0, "credit/corr": None}]
+    c = credit_over_training(rows)
+    assert c["mixed_groups"] == 4 and c["steps"] == 3
+    assert c["correct_higher"] == pytest.approx(0.25) and c["correct_lower"] == pytest.approx(0.5)
+    assert c["corr"] == pytest.approx((0.5 - 1.5) / 4)
+    assert credit_over_training([{"step": 1, "reward/accuracy": 0.5}]) is None  # a GRPO run logs no credit
+
+
+def test_blank_twin_keeps_rows_and_greys_every_image(tmp_path):
+    from PIL import Image
+
+    from vlm_mig.data.clevr import write_clevr
+    from vlm_mig.demo.data import blank_twin
+
+    write_clevr(tmp_path, 4, seed=2, question_mix="multistep")
+    twin = blank_twin(tmp_path / "data.jsonl")
+    real, blank = rep.read_jsonl(tmp_path / "data.jsonl"), rep.read_jsonl(twin)
+    assert [{**r, "images": None} for r in real] == [{**r, "images": None} for r in blank]
+    with Image.open(tmp_path / blank[0]["images"][0]) as im:
+        assert im.size == (112, 112) and im.getextrema() == ((128, 128),) * 3

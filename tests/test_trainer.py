@@ -130,7 +130,7 @@ def test_resume_after_sigkill_is_exact(tiny_vl_dir, tmp_path):
     _assert_same(_weights(straight / f"checkpoint-{steps}"), _weights(killed / f"checkpoint-{steps}"))
 
 
-def _one_vs_two_processes(model_dir, tmp_path, **extra):
+def _one_vs_two_processes(model_dir, tmp_path, atol=1e-5, **extra):
     """Train 2 steps on 1 process and on 2 (gloo, CPU) with the same global batch; the weights must agree."""
     one = tmp_path / "one"
     over = _rl_overrides(model_dir, one, 2, **{"trainer.prompts_per_step": 2, "loss.kl_coef": 0, **extra})
@@ -149,7 +149,7 @@ def _one_vs_two_processes(model_dir, tmp_path, **extra):
     single = [json.loads(x)["ids"] for x in (one / "prompts_rank0.jsonl").read_text().splitlines()]
     assert all(a != b for a, b in zip(rank0, rank1)), "ranks must see different prompts"
     assert [a + b for a, b in zip(rank0, rank1)] == single
-    _assert_same(_weights(one / "checkpoint-2"), _weights(two / "checkpoint-2"), atol=1e-5)
+    _assert_same(_weights(one / "checkpoint-2"), _weights(two / "checkpoint-2"), atol=atol)
     return [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -158,8 +158,10 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_vl_dir,
 
 
 def test_two_processes_share_the_batch_std_of_step_credit(sft_vl_dir, tmp_path):
-    # Step credit normalises every step gain of the batch by one std: each process must use the global one.
-    rows = _one_vs_two_processes(sft_vl_dir, tmp_path, **{
+    # Step credit normalises every step gain of the batch by one std: each process must use the global one. A local
+    # std moves the weights by ~3e-3 here; float-order noise of the gathered gains, magnified by Adam on rarely
+    # updated embedding rows, reaches ~1.5e-5, so the tolerance sits between the two.
+    rows = _one_vs_two_processes(sft_vl_dir, tmp_path, atol=1e-4, **{
         "advantage.process_credit": "step", "advantage.scale": "batch", "rollout.max_new_tokens": 40,
         "loss.beta": 0, "loss.gamma": 0})
     assert any(r["loss/pg_proc"] != 0 for r in rows), "the process term must carry a gradient for this to test it"

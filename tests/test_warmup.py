@@ -51,8 +51,9 @@ def test_warmed_build_is_deterministic_and_loads_with_stock_classes(tmp_path) ->
         assert torch.equal(p, q) != ("visual" in name), name
     report = json.loads((a / "vlm_mig_tiny.json").read_text())["vision_warmup"]
     assert report["config"]["steps"] == 30 and report["targets"] == TARGET_NAMES
-    # 30 small steps already fit the held-out per-cell counts better than the random tower
-    assert report["held_out_count_accuracy"]["mse"] < report["held_out_count_accuracy_before"]["mse"]
+    # 30 small steps already fit the held-out counts better than the random tower, per cell and per image
+    after, before = report["held_out_count_accuracy"], report["held_out_count_accuracy_before"]
+    assert after["cell_mse"] < before["cell_mse"] and after["image_bce"] < before["image_bce"]
 
 
 def test_text_model_has_no_vision_to_warm_up(tmp_path) -> None:
@@ -75,3 +76,13 @@ def test_patch_embedding_as_matmul_equals_the_stock_conv(tiny_vl_dir) -> None:
     assert vision.patch_embed.proj.weight.grad is not None  # gradients reach the embedding's own weight
     assert "forward" not in vars(vision.patch_embed)  # the stock forward is back
     assert torch.equal(vision(enc["pixel_values"], grid_thw=enc["image_grid_thw"]).pooler_output, stock)
+
+
+def test_whole_image_counts_round_trip_through_at_least_bits() -> None:
+    from vlm_mig.warmup import AT_LEAST, at_least_bits, decode_at_least
+
+    counts = torch.tensor([[0.0] * 15 + [8.0], [3.0] * 16])
+    bits = at_least_bits(counts)
+    assert bits.shape == (2, 16 * AT_LEAST) and bits[0, :AT_LEAST].sum() == 0 and bits[0, -AT_LEAST:].sum() == 8
+    assert bits[1, :AT_LEAST].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+    assert torch.equal(decode_at_least(bits * 2 - 1), counts)  # logits: positive where the bit is on

@@ -140,6 +140,7 @@ class TrainerConfig:
     bf16: bool = False  #: bf16 autocast (GPU)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  #: tensorboard and/or wandb
     progress: bool = True  #: show a progress bar
+    progress_desc: str | None = None  #: the progress bar's label (None: "sft" or "rl")
     threads: int | None = None  #: torch CPU threads (None: torch default)
 
 
@@ -380,10 +381,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_dicts(base: dict, extra: dict) -> dict:
+    """``base`` updated by ``extra``, section by section (nested mappings merge; other values replace)."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -400,7 +402,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: invalid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
-    data = _merge(data, parse_overrides(overrides or []))
+    data = merge_dicts(data, parse_overrides(overrides or []))
     try:
         cfg = _build(Config, data)
         _check_across(cfg)

@@ -295,7 +295,7 @@ def build_tiny(out_dir: str | os.PathLike, arch: str = "qwen2-vl", seed: int = 0
     torch.manual_seed(seed)
     auto = AutoModelForCausalLM if arch == "qwen2" else AutoModelForImageTextToText
     model = auto.from_config(cfg, dtype=torch.float32)
-    processor = build_processor(tok, arch)
+    processor = build_processor(tok, arch, max_pixels=spec.image_size**2)
     record: dict[str, Any] = {"arch": arch, "seed": seed, **spec.__dict__}
     if warmup is not None:
         from vlm_mig.warmup import warm_up_vision

@@ -10,6 +10,7 @@ plain forward pass: ``l_k`` = mean log-prob of ``input_ids[answer_start:]`` (``a
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -81,13 +82,21 @@ def read_score_rows(path: str | Path, task: str = "text") -> list[Sample]:
 
 
 def score_samples(model, processor, samples: list[Sample], cfg: ScoreConfig | None = None,
-                  explain: bool = False, progress: bool = True) -> list[dict[str, Any]]:
-    """Score each sample's ``meta['completion']``; return one output dict per sample (input fields kept).
+                  explain: bool = False, progress: bool = True, *, completions: Sequence[str] | None = None,
+                  template: PromptTemplate | None = None) -> list[dict[str, Any]]:
+    """Score ``completions[i]`` as the answer to ``samples[i]`` (default: each sample's ``meta['completion']``);
+    return one output dict per sample (input fields kept). Prompts are built with ``template`` (default: the
+    project's default prompt): pass the run's own template, since every l_k is conditioned on the prompt.
 
     With ``cfg.compare_options`` each row also has ``l_by_answer_score`` (``l`` under every answer score)
     and ``l0_by_context`` (``l_0`` under every l_0 context and answer score), from one extra pass over
     copy 0 alone."""
     cfg = cfg or ScoreConfig()
+    template = template or PromptTemplate()
+    if completions is None:
+        completions = [s.meta["completion"] for s in samples]
+    elif len(completions) != len(samples):
+        raise ValueError(f"{len(completions)} completions for {len(samples)} samples")
     tok = tokenizer_of(processor)
     probe = torch.tensor(tok.encode(cfg.probe, add_special_tokens=False), dtype=torch.long)
     step_cfg = StepConfig(min_step_chars=cfg.min_step_chars, max_steps=cfg.max_steps)
@@ -97,18 +106,18 @@ def score_samples(model, processor, samples: list[Sample], cfg: ScoreConfig | No
     bar = tqdm(total=len(samples), desc="score", disable=not progress)
     for start in range(0, len(samples), cfg.batch_size):
         chunk = samples[start : start + cfg.batch_size]
-        batch = encode_prompts(processor, chunk, PromptTemplate())
+        batch = encode_prompts(processor, chunk, template)
         with torch.no_grad():
             prompts = prompt_rows(model, batch)
             rows, spans = [], []
-            for p, s in zip(prompts, chunk):
-                ids = torch.tensor(tok.encode(s.meta["completion"], add_special_tokens=False), dtype=torch.long)
+            for p, s, text in zip(prompts, chunk, completions[start : start + cfg.batch_size]):
+                ids = torch.tensor(tok.encode(text, add_special_tokens=False), dtype=torch.long)
                 sp = segment(ids, tok, config=step_cfg)
                 rows.append(ScoreRow(completion_ids=ids, cuts=sp.prefix_ends if sp.think else [],
                                      **encode_answers(tok, s.variants, cfg.probe, opener), **p))
                 spans.append(sp)
             scores = score_rows(model, rows, probe, cfg.max_tokens_per_batch, answer_score=cfg.answer_score)
-            no_image = (blind_l0(model, processor, chunk, rows, probe, PromptTemplate(),
+            no_image = (blind_l0(model, processor, chunk, rows, probe, template,
                                  max_tokens_per_batch=cfg.max_tokens_per_batch, answer_score=cfg.answer_score)
                         if cfg.visual_evidence else None)
             other_l0 = _other_l0(model, tok, chunk, rows, probe, cfg) if cfg.compare_options else None
@@ -172,7 +181,9 @@ def _row_output(s: Sample, row: ScoreRow, sp, sc, probe, cfg: ScoreConfig, expla
 
 def score_file(model_dir: str | Path, data: str | Path, out: str | Path, explain: bool = False,
                cfg: ScoreConfig | None = None, task: str = "text") -> int:
-    """Score every row of ``data`` (jsonl) with the model at ``model_dir``; write ``out`` (jsonl)."""
+    """Score every row of ``data`` (jsonl) with the model at ``model_dir``; write ``out`` (jsonl). Prompts use
+    the template the checkpoint was trained with (its ``run_config.json``), else the default."""
+    from vlm_mig.evaluation import template_from_run_config
     from vlm_mig.models import load_model, load_processor
 
     samples = read_score_rows(data, task=task)
@@ -180,7 +191,8 @@ def score_file(model_dir: str | Path, data: str | Path, out: str | Path, explain
         inputs = [json.loads(line) for line in f if line.strip()]  # already validated line by line above
     model = load_model(model_dir)
     processor = load_processor(model_dir)
-    results = score_samples(model, processor, samples, cfg, explain=explain)
+    results = score_samples(model, processor, samples, cfg, explain=explain,
+                            template=template_from_run_config(model_dir))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

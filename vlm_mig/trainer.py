@@ -303,7 +303,8 @@ class Trainer:
         t = self.cfg.trainer
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=t.max_steps, initial=self.step, desc=self.mode, disable=not (t.progress and self.is_main))
+        bar = tqdm(total=t.max_steps, initial=self.step, desc=t.progress_desc or self.mode,
+                   disable=not (t.progress and self.is_main))
         last: dict[str, float] = {}
         if self.step == 0 and self.val_data and self.mode == "rl":
             self.log.write(0, self.validate())

@@ -1,0 +1,280 @@
+"""The demo pipeline (``run_demo``) and its command line (``vlm-mig demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vlm_mig import report as rep
+from vlm_mig.demo import data as dd
+from vlm_mig.demo.jobs import run_jobs
+from vlm_mig.demo.measure import credit_over_training, learning_speed, paired_difference
+from vlm_mig.demo.plan import (
+    DEFAULT,
+    ID_SEED,
+    METHODS,
+    OOD_OBJECTS,
+    OOD_SEED,
+    QUESTION_MIX,
+    QUICK,
+    TRAIN_OBJECTS,
+    TRAIN_SEED,
+    DemoPlan,
+    rl_recipe,
+    sft_recipe,
+    write_recipe,
+)
+from vlm_mig.demo.summary import report_md, results_table, training_examples, write_viewer
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+
+    def run(self, name: str, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (None,) * 3
+    return {"cpu": cpu, "cores": usable, "load_average_1min": load[0], "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def _job(kind: str, label: str, config: Path, run: Path, sets: dict[str, Path], plan: DemoPlan, out: Path,
+         threads: int, who: str, viewer: bool, score_gold: bool = False) -> dict[str, Any]:
+    return {"kind": kind, "label": label, "config": str(config), "run": str(run),
+            "sets": {k: str(v) for k, v in sets.items()}, "out": str(out), "threads": threads, "who": who,
+            "max_new_tokens": plan.max_new_tokens, "eval_batch": plan.eval_batch,
+            "viewer_examples": plan.viewer_examples if viewer else 0, "score_gold": score_gold}
+
+
+def run_demo(out: str | Path = "out/demo", quick: bool = False, seeds: int = 1, plan: DemoPlan | None = None,
+             threads: int | None = None, parallel: bool | None = None) -> dict[str, Any]:
+    """Run the demo; returns what ``results.json`` holds.
+
+    ``parallel`` (default: with 2 or more cores, except ``quick``): the two jobs of a phase (SFT and its
+    blank-image control; GRPO and MIG of a seed) run side by side in two processes; for a model this small a
+    second thread buys little, so two 1-thread jobs take about as long as one 2-thread job. ``threads``: torch
+    threads per training process (default 1: the thread count changes the floating-point reduction order, and
+    the numbers must not depend on the machine's cores or load).
+    """
+    from transformers.utils import logging as hf_logging
+
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    plan = plan or (QUICK if quick else DEFAULT)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("runs", "eval", "configs"):  # everything but the (seeded, cached) data is recomputed
+        shutil.rmtree(out / stale, ignore_errors=True)
+    hf_logging.disable_progress_bar()  # keep the terminal to the demo's own bars
+    report_to = [] if quick else ["tensorboard"]
+    command = f"vlm-mig demo --out {out}" + (" --quick" if quick else "") + (f" --seeds {seeds}" if seeds != 1 else "")
+    timer = _Timer()
+    per_job: dict[str, float] = {}
+    machine_at_start = machine()
+    if parallel is None:  # --quick: starting two fresh processes (~10 s of imports) costs more than it saves
+        parallel = (machine_at_start["cores"] or 1) >= 2 and not quick
+    threads = threads or 1
+    t_start = time.perf_counter()
+    n_phases = 5 + seeds
+    phase = iter(range(1, n_phases + 1))
+    side = "side by side" if parallel else "one after the other"
+
+    dd.say(f"== [{next(phase)}/{n_phases}] the embedded tiny Qwen2-VL, vision warmed up for {plan.warmup_steps} steps "
+           "(built once, cached)")
+    model_path, warmup = timer.run("model (vision warm-up)", build_model, plan)
+    dd.say(f"== [{next(phase)}/{n_phases}] CLEVR-like data ({QUESTION_MIX} questions)")
+    paths = timer.run("data", make_data, plan, out / "data")
+    train_path, id_path, ood_path = paths["train"], paths["id"], paths["ood"]
+    blind = dd.blind_baseline(dd.load(train_path), {"id": dd.load(id_path), "ood": dd.load(ood_path)})
+
+    dd.say(f"== [{next(phase)}/{n_phases}] SFT on gold solutions, and the same SFT on blank images ({side})")
+    results: dict[str, Any] = {"grpo": [], "mig": []}
+    viewer: dict[str, list[rep.CreditExample]] = {}
+    t0 = time.perf_counter()
+    sft_phase(plan, paths, out, threads, report_to, parallel, results, viewer, timer, per_job)
+    if parallel:
+        timer.phases["SFT and blank-image SFT side by side"] = time.perf_counter() - t0
+    sft_ckpt = out / "runs" / "sft" / f"checkpoint-{plan.sft_steps}"
+
+    runs: dict[str, list[Path]] = {m: [] for m in METHODS}
+    for seed in range(seeds):
+        dd.say(f"== [{next(phase)}/{n_phases}] seed {seed}: GRPO and MIG, {plan.rl_steps} RL steps each of "
+               f"{plan.prompts_per_step} prompts x G = {plan.generations}, from {sft_ckpt} ({side})")
+        jobs = []
+        for method in METHODS:
+            label = f"{method}-seed{seed}"
+            run_dir = out / "runs" / label
+            cfg = out / "configs" / f"{label}.yaml"
+            write_recipe(rl_recipe(plan, method, seed, sft_ckpt, train_path, id_path, run_dir, threads, report_to),
+                         cfg, f"{method.upper()} run of vlm-mig demo ({plan.name}), seed {seed}; rerun: vlm-mig train "
+                         "--config <this file>")
+            jobs.append(_job("rl", label, cfg, run_dir, {"id": id_path, "ood": ood_path}, plan, out, threads,
+                             method.upper(), viewer=seed == 0, score_gold=seed == 0 and method == "mig"))
+            runs[method].append(run_dir)
+        t0 = time.perf_counter()
+        for job, res in zip(jobs, run_jobs(jobs, parallel)):
+            _collect(job, res, results, viewer, timer, per_job, parallel, seed=seed)
+        if parallel:
+            timer.phases[f"seed {seed}: GRPO and MIG side by side"] = time.perf_counter() - t0
+
+    dd.say(f"== [{next(phase)}/{n_phases}] report")
+    t0 = time.perf_counter()
+    metrics = {m: [rep.read_jsonl(d / "metrics.jsonl") for d in runs[m]] for m in METHODS}
+    speed = learning_speed(metrics, plan.smooth_window)
+    paired = {s: paired_difference([r[s]["correct"] for r in results["grpo"]],
+                                   [r[s]["correct"] for r in results["mig"]], plan.bootstrap) for s in ("id", "ood")}
+    credit = {m: [credit_over_training(rows) for rows in metrics[m]] for m in METHODS}
+    rep.plot_curves(metrics, out / "curves.png", window=plan.smooth_window, reach=speed,
+                    sft_val=_sft_val(metrics), title=f"vlm-mig demo ({plan.name}): tiny Qwen2-VL, CLEVR-like "
+                    f"multi-step counting, {seeds} seed{'s' if seeds > 1 else ''}, same SFT start")
+    train_examples, when = training_examples(runs["mig"][0], plan.viewer_examples,
+                                             {s.id: s.images[0] for s in dd.load(train_path) if s.images})
+    write_viewer(out / "steps.html", viewer, train_examples, when, plan)
+    timer.phases["report"] = time.perf_counter() - t0
+    timer.phases["total"] = time.perf_counter() - t_start
+    full = {
+        "command": command, "machine": machine_at_start, "load_average_1min_at_end": machine()["load_average_1min"],
+        "plan": dataclasses.asdict(plan), "seeds": list(range(seeds)), "threads": threads, "parallel": parallel,
+        "model": str(model_path), "warmup": warmup,
+        "data": {"train": str(train_path), "test_id": str(id_path), "test_ood": str(ood_path),
+                 "question_mix": QUESTION_MIX, "train_objects": TRAIN_OBJECTS, "ood_objects": OOD_OBJECTS,
+                 "blank": {k: str(paths[f"blank_{k}"]) for k in ("train", "id", "ood")}},
+        "sft_checkpoint": str(sft_ckpt), "results": results, "blind_baseline": blind, "paired": paired,
+        "speed": speed, "credit": credit,
+        "wall_time_s": {k: round(v, 2) for k, v in timer.phases.items()},
+        "run_time_s": {k: round(v, 2) for k, v in per_job.items()},
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+    (out / "results.json").write_text(json.dumps(full, indent=1) + "\n")
+    (out / "report.md").write_text(report_md(full, plan))
+    dd.say(f"demo finished in {rep.fmt_seconds(timer.phases['total'])}: {out / 'report.md'}, {out / 'curves.png'}, "
+           f"{out / 'steps.html'}, {out / 'results.json'}")
+    dd.say(results_table(full))
+    return full
+
+
+def build_model(plan: DemoPlan) -> tuple[Path, dict[str, Any] | None]:
+    """The tiny VLM with its vision warm-up (built once, cached), and the warm-up's report."""
+    from vlm_mig.models import tiny_model_dir
+
+    path = tiny_model_dir("qwen2-vl", plan.warmup_steps, progress=True)
+    dd.say(f"  {path}")
+    return path, json.loads((path / "vlm_mig_tiny.json").read_text()).get("vision_warmup")
+
+
+def make_data(plan: DemoPlan, root: Path) -> dict[str, Path]:
+    """The training, ID and OOD sets (written once) and their blank-image twins: ``train``, ``id``, ``ood``,
+    ``blank_train``, ``blank_id``, ``blank_ood`` -> data.jsonl."""
+    paths = {"train": dd.write_set(root, "train", plan.train_scenes, "A", TRAIN_SEED, TRAIN_OBJECTS, QUESTION_MIX),
+             "id": dd.write_set(root, "test-id", plan.test_scenes, "A", ID_SEED, TRAIN_OBJECTS, QUESTION_MIX),
+             "ood": dd.write_set(root, "test-ood", plan.test_scenes, "B", OOD_SEED, OOD_OBJECTS, QUESTION_MIX)}
+    return {**paths, **{f"blank_{k}": dd.blank_twin(v) for k, v in paths.items()}}
+
+
+def sft_phase(plan: DemoPlan, paths: dict[str, Path], out: Path, threads: int, report_to: list[str], parallel: bool,
+              results: dict[str, Any], viewer: dict, timer: _Timer, per_job: dict[str, float],
+              validate_every: int = 0) -> None:
+    """SFT on the gold solutions and the identical SFT on the blank twins (side by side when ``parallel``),
+    each evaluated on its own test sets; results go under ``sft`` and ``sft-blank``. ``validate_every``: also
+    validate on the ID set (real or blank) every N steps (the learning curve; the demo skips it)."""
+    jobs = []
+    for label, who, blank in (("sft", "SFT", ""), ("sft-blank", "SFT on blank images", "blank_")):
+        run_dir = out / "runs" / label
+        cfg = out / "configs" / f"{label}.yaml"
+        recipe = sft_recipe(plan, paths[f"{blank}train"], run_dir, threads, report_to, label)
+        if validate_every:
+            recipe["data"]["validation"] = str(paths[f"{blank}id"])
+            recipe["trainer"]["eval_steps"] = validate_every
+            recipe["eval"]["limit"] = plan.val_scenes
+        write_recipe(recipe, cfg, f"{who} of vlm-mig demo ({plan.name}); rerun: vlm-mig sft --config <this file>")
+        jobs.append(_job("sft", label, cfg, run_dir, {"id": paths[f"{blank}id"], "ood": paths[f"{blank}ood"]}, plan,
+                         out, threads, who, viewer=label == "sft"))
+    for job, res in zip(jobs, run_jobs(jobs, parallel)):
+        _collect(job, res, results, viewer, timer, per_job, parallel)
+
+
+def _collect(job: dict[str, Any], res: dict[str, Any], results: dict[str, Any], viewer: dict, timer: _Timer,
+             per_job: dict[str, float], parallel: bool, seed: int | None = None) -> None:
+    """File one job's results: evaluation under its model's key, credit cards, times."""
+    label = job["label"]
+    if seed is None:
+        results[label] = res["ev"]
+    else:
+        results[label.rsplit("-seed", 1)[0]].append({"seed": seed, "run": job["run"], **res["ev"]})
+    viewer.update(res["viewer"])
+    for k, v in res["times"].items():
+        (per_job if parallel else timer.phases)[f"{label} {k}"] = v
+
+
+def _sft_val(metrics: dict[str, list[list[dict[str, Any]]]]) -> float | None:
+    """The SFT start's validation accuracy (step 0 of the RL runs)."""
+    steps, vals = rep.series(metrics["grpo"][0], "val/accuracy") if metrics["grpo"] else ([], [])
+    return vals[0] if steps and steps[0] == 0 else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    run_demo(out=args.out, quick=args.quick, seeds=args.seeds)
+    return 0
+
+
+def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``vlm-mig demo`` to the ``vlm-mig`` subparsers (handler: :func:`demo_command`, returns an int)."""
+    from vlm_mig import demo
+
+    p = subparsers.add_parser(
+        "demo", help="SFT (with a blank-image control), then GRPO and MIG side by side on the tiny VLM (CPU, "
+                     "offline), with a report",
+        description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
+    p.add_argument("--quick", action="store_true", help="toy sizes, ~1-2 min: a smoke test of the whole pipeline")
+    p.add_argument("--seeds", type=int, default=1, help="RL seeds (each runs GRPO and MIG); mean ± std when > 1")
+    p.set_defaults(handler=demo_command)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    parser = argparse.ArgumentParser(prog="vlm-mig")
+    add_demo_command(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
