@@ -50,7 +50,8 @@ def test_round_trip_two_images_generate_save_reload_identical_logits(tiny_vl_dir
         Sample(id="one", question="How many items?", images=[str(make_image("c.png"))], answer="2", task="count"),
     ]
     batch = encode_prompts(processor, samples)
-    assert batch.image_grid_thw.tolist() == [[1, 8, 8], [1, 6, 8], [1, 8, 8]]  # 168x112 is over max_pixels: scaled to 112x84
+    # 168x112 is over max_pixels: scaled to 112x84
+    assert batch.image_grid_thw.tolist() == [[1, 8, 8], [1, 6, 8], [1, 8, 8]]
     image_id = model.config.image_token_id
     assert (batch.input_ids[0] == image_id).sum() == 16 + 12 and (batch.input_ids[1] == image_id).sum() == 16
     assert batch.attention_mask[1, 0] == 0, "prompts are left padded"
