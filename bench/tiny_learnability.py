@@ -24,7 +24,7 @@ from pathlib import Path
 from vlm_mig import report as rep
 from vlm_mig.demo import DEFAULT, QUICK
 from vlm_mig.demo import data as dd
-from vlm_mig.demo.run import _Timer, build_model, machine, make_data, sft_phase
+from vlm_mig.demo.run import _Timer, machine, model_and_data, sft_phase
 
 
 def main() -> None:
@@ -42,10 +42,9 @@ def main() -> None:
     timer, per_job, viewer = _Timer(), {}, {}
     results: dict = {}
     t0 = time.perf_counter()
-    model_path, warmup = timer.run("model (vision warm-up)", build_model, plan)
-    paths = timer.run("data", make_data, plan, out / "data")
-    blind = dd.blind_baseline(dd.load(paths["train"]), {"id": dd.load(paths["id"]), "ood": dd.load(paths["ood"])})
     parallel = (os.cpu_count() or 1) >= 2
+    model_path, warmup, paths = model_and_data(plan, out / "data", parallel, timer)
+    blind = dd.blind_baseline(dd.load(paths["train"]), {"id": dd.load(paths["id"]), "ood": dd.load(paths["ood"])})
     sft_phase(plan, paths, out, threads=1, report_to=[], parallel=parallel, results=results, viewer=viewer,
               timer=timer, per_job=per_job, validate_every=args.eval_every)
     total = time.perf_counter() - t0

@@ -17,15 +17,18 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _build_tiny(args: argparse.Namespace) -> int:
-    from vlm_mig.models import build_tiny
+    from vlm_mig.models import build_tiny, tiny_model_dir
 
     steps = WarmupConfig.steps if args.warmup_steps is None and args.arch != "qwen2" else args.warmup_steps or 0
     if steps and args.arch == "qwen2":
         raise ConfigError("--warmup-steps: arch qwen2 has no vision tower to warm up")
-    out = build_tiny(args.out, arch=args.arch, seed=args.seed, warmup=WarmupConfig.for_steps(steps) if steps else None,
-                     progress=True)
+    if args.out is None:  # the cached copy that `model.name_or_path: tiny` and the demo use
+        out = tiny_model_dir(args.arch, steps, seed=args.seed, progress=True)
+    else:
+        out = build_tiny(args.out, arch=args.arch, seed=args.seed, progress=True,
+                         warmup=WarmupConfig.for_steps(steps) if steps else None)
     how = f"vision tower warmed up for {steps} steps" if steps else "random weights"
-    print(f"wrote tiny {args.arch} model (seed {args.seed}, {how}) to {out}")
+    print(f"tiny {args.arch} model (seed {args.seed}, {how}): {out}")
     return 0
 
 
@@ -95,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("build-tiny", help="write the tiny offline default model (HF folder, safetensors)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", help="output folder (default: build once into the cache, $VLM_MIG_CACHE or "
+                                 "~/.cache/vlm-mig, where `model.name_or_path: tiny` finds it)")
     p.add_argument("--arch", default="qwen2-vl", choices=["qwen2-vl", "qwen2.5-vl", "qwen2"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-steps", type=int, default=None,
@@ -106,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="generate synthetic data offline").add_subparsers(dest="kind", required=True)
     p = data.add_parser("clevr", help="CLEVR-like counting scenes (Super-CLEVR layout + data.jsonl)")
     p.add_argument("--n", type=int, required=True, help="number of scenes")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", help="output folder (default: build once into the cache, $VLM_MIG_CACHE or "
+                                 "~/.cache/vlm-mig, where `model.name_or_path: tiny` finds it)")
     p.add_argument("--condition", default="A", choices=["A", "B", "all"],
                    help="CLEVR-CoGenT colour/shape split (all: no colour rule)")
     p.add_argument("--seed", type=int, default=0)

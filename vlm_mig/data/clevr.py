@@ -31,8 +31,8 @@ Multi-step questions, where an intermediate count is needed before the answer ca
   attribute (so the two sets never overlap), then their sum;
 * ``subtract``: "How many objects are not cubes?": count everything, count the cubes, subtract.
 
-``QUESTION_MIXES`` names two mixes: ``counting`` (the default: count_all / count_attr / compare) and
-``multistep`` (every type, most weight on the multi-step ones).
+``QUESTION_MIXES`` names two mixes: ``counting`` (the default: count_all / count_attr / count_two_attr /
+compare) and ``multistep`` (all six types, equally often).
 
 Gold steps (``Sample.gold_steps``) are plain step texts without the ``### Step i:`` header (that is
 added by :func:`vlm_mig.prompts.format_solution`); each lists the objects it counts, left to right,
@@ -85,9 +85,10 @@ CONDITIONS: dict[str, dict[str, tuple[str, ...]]] = {
 
 #: Default question-type mix (relative weights).
 QUESTION_MIX = {"count_all": 0.5, "count_attr": 0.2, "count_two_attr": 0.15, "compare": 0.15}
-#: Every question type, most weight on those whose intermediate counts are needed for the answer.
-MULTISTEP_MIX = {"count_all": 0.15, "count_attr": 0.1, "count_two_attr": 0.15, "compare": 0.2, "add": 0.2,
-                 "subtract": 0.2}
+#: Every question type, equally often: four of the six need an intermediate count before the answer (filter
+#: chains, add, subtract, compare), and count_all sums per-shape counts.
+MULTISTEP_MIX = {"count_all": 1.0, "count_attr": 1.0, "count_two_attr": 1.0, "compare": 1.0, "add": 1.0,
+                 "subtract": 1.0}
 QUESTION_MIXES = {"counting": QUESTION_MIX, "multistep": MULTISTEP_MIX}
 QUESTION_TYPES = tuple(MULTISTEP_MIX)
 COUNT_ALL_QUESTION = "How many different items are there in the image?"

@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -105,15 +106,14 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, seeds: int = 1, 
         parallel = (machine_at_start["cores"] or 1) >= 2 and not quick
     threads = threads or 1
     t_start = time.perf_counter()
-    n_phases = 5 + seeds
+    n_phases = 4 + seeds
     phase = iter(range(1, n_phases + 1))
     side = "side by side" if parallel else "one after the other"
 
-    dd.say(f"== [{next(phase)}/{n_phases}] the embedded tiny Qwen2-VL, vision warmed up for {plan.warmup_steps} steps "
-           "(built once, cached)")
-    model_path, warmup = timer.run("model (vision warm-up)", build_model, plan)
-    dd.say(f"== [{next(phase)}/{n_phases}] CLEVR-like data ({QUESTION_MIX} questions)")
-    paths = timer.run("data", make_data, plan, out / "data")
+    dd.say(f"== [{next(phase)}-{next(phase)}/{n_phases}] the embedded tiny Qwen2-VL, vision warmed up for "
+           f"{plan.warmup_steps} steps (built once, cached), and the CLEVR-like data ({QUESTION_MIX} questions)"
+           + (", side by side" if parallel else ""))
+    model_path, warmup, paths = model_and_data(plan, out / "data", parallel, timer)
     train_path, id_path, ood_path = paths["train"], paths["id"], paths["ood"]
     blind = dd.blind_baseline(dd.load(train_path), {"id": dd.load(id_path), "ood": dd.load(ood_path)})
 
@@ -183,13 +183,33 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, seeds: int = 1, 
     return full
 
 
-def build_model(plan: DemoPlan) -> tuple[Path, dict[str, Any] | None]:
-    """The tiny VLM with its vision warm-up (built once, cached), and the warm-up's report."""
+def model_and_data(plan: DemoPlan, root: Path, parallel: bool,
+                   timer: _Timer) -> tuple[Path, dict[str, Any] | None, dict[str, Path]]:
+    """The tiny VLM with its vision warm-up (built once, cached; its report) and the data (``make_data``).
+
+    Both are single-threaded CPU work with nothing in common, so with ``parallel`` the model is built by
+    ``vlm-mig build-tiny`` in a second process while this one renders the scenes."""
     from vlm_mig.models import tiny_model_dir
 
-    path = tiny_model_dir("qwen2-vl", plan.warmup_steps, progress=True)
+    build = None
+    t0 = time.perf_counter()
+    if parallel:
+        cmd = [sys.executable, "-m", "vlm_mig.cli", "build-tiny", "--arch", "qwen2-vl", "--warmup-steps",
+               str(plan.warmup_steps)]
+        build = subprocess.Popen(cmd, env={**os.environ, "TQDM_POSITION": "1", "PYTHONUNBUFFERED": "1"})
+    try:
+        paths = timer.run("data", make_data, plan, root)
+        if build is not None and build.wait() != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited with code {build.returncode}")
+    finally:
+        if build is not None and build.poll() is None:
+            build.terminate()
+            build.wait()
+    path = tiny_model_dir("qwen2-vl", plan.warmup_steps, progress=True)  # built above, or here when not parallel
+    timer.phases["model (vision warm-up)" + (", beside the data" if parallel else "")] = (
+        time.perf_counter() - t0 - (0 if parallel else timer.phases["data"]))
     dd.say(f"  {path}")
-    return path, json.loads((path / "vlm_mig_tiny.json").read_text()).get("vision_warmup")
+    return path, json.loads((path / "vlm_mig_tiny.json").read_text()).get("vision_warmup"), paths
 
 
 def make_data(plan: DemoPlan, root: Path) -> dict[str, Path]:
