@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vlm_mig.fields import bounded, check_fields, choice
+
 __all__ = [
     "LOG_RATIO_CLAMP",
     "NORMALIZERS",
@@ -61,27 +63,17 @@ class LossConfig:
     alpha: float = 1.0  #: weight of the process term PG(A_proc, M_cot); 0 for the GRPO baseline
     beta: float = 1.0  #: weight of the outcome term PG(A_out, M_full)
     gamma: float = 0.1  #: weight of the dual-gated SFT term; 0 for the GRPO baseline
-    kl_coef: float = 0.04  #: weight of KL(pi_theta || pi_ref) (k3); 0 disables the reference model
-    eps_clip: float = 0.2  #: PPO clip range: r is clipped to [1 - eps_clip, 1 + eps_clip_high]
-    eps_clip_high: float | None = None  #: upper clip (DAPO "clip-higher"); None means eps_clip
-    normalizer: str = "grpo"  #: "grpo" (per-sequence mean, then batch mean) | "dapo" (tokens) | "dr_grpo"
-    max_completion_length: int | None = None  #: the constant L of "dr_grpo"; None means the batch width T
+    kl_coef: float = bounded(0.04, ge=0)  #: weight of KL(pi_theta || pi_ref) (k3); 0 disables the reference model
+    eps_clip: float = bounded(0.2, ge=0, lt=1)  #: PPO clip range: r is clipped to [1 - eps_clip, 1 + eps_clip_high]
+    eps_clip_high: float | None = bounded(None, ge=0)  #: upper clip (DAPO "clip-higher"); None means eps_clip
+    #: "grpo" (per-sequence mean, then batch mean) | "dapo" (tokens) | "dr_grpo" (a constant)
+    normalizer: str = choice("grpo", NORMALIZERS)
+    max_completion_length: int | None = bounded(None, ge=1)  #: the constant L of "dr_grpo"; None: the batch width T
     sft_gate_proc: bool = False  #: third SFT gate R_proc > 0 (drops correct answers no step led to)
-    sft_gates: str = "both"  #: SFT gates: "both" (format and accuracy, SPEC) | "format" | "accuracy" (ablations)
+    sft_gates: str = choice("both", SFT_GATES)  #: "both" (format and accuracy, SPEC) | one of them (ablations)
 
     def __post_init__(self) -> None:
-        if self.normalizer not in NORMALIZERS:
-            raise ValueError(f"loss normalizer must be one of {NORMALIZERS}, got {self.normalizer!r}")
-        if self.sft_gates not in SFT_GATES:
-            raise ValueError(f"sft_gates must be one of {SFT_GATES}, got {self.sft_gates!r}")
-        if not 0 <= self.eps_clip < 1:
-            raise ValueError(f"eps_clip must be in [0, 1), got {self.eps_clip}")
-        if self.eps_clip_high is not None and self.eps_clip_high < 0:
-            raise ValueError(f"eps_clip_high must be >= 0, got {self.eps_clip_high}")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
-        if self.max_completion_length is not None and self.max_completion_length < 1:
-            raise ValueError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
+        check_fields(self)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

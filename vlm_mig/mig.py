@@ -15,7 +15,7 @@ so the pass equals K+1 separate passes to float tolerance. The same pass yields 
 completion token. Image features are computed once per prompt and shared by all rollouts of its group.
 Only scored positions get fp32 log-softmax, chunked, never full-vocabulary logits for the whole row.
 
-Options (``MigConfig``; SPEC section 2 has each decision and its measurement): the probe and the answer
+Options (``MigOptions``; SPEC section 2 has each decision and its measurement): the probe and the answer
 are tokenized as one text and split at the seam by character offsets (``encode_answers``), so each copy
 holds the tokens the model would have written; ``l_0`` is scored right after ``<think>`` or after a neutral
 opener; the answer's token log-probs become ``l_k`` by their mean, their sum, or with each number scored
@@ -32,14 +32,45 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-# --------------------------------------------------------------------------------------------------
-# Pure math on tensors
-
+from vlm_mig.fields import bounded, check_fields, choice
+from vlm_mig.prompts import DEFAULT_L0_OPENER, DEFAULT_PROBE
 
 #: How the gold answer's token log-probs become one score (SPEC section 2, "answer score").
 ANSWER_SCORES = ("mean", "sum", "digits")
-#: Where l_0 is scored: right after ``<think>`` (an empty think), or after ``MigConfig.l0_opener``.
+#: Where l_0 is scored: right after ``<think>`` (an empty think), or after ``MigOptions.l0_opener``.
 L0_CONTEXTS = ("empty_think", "opener")
+#: Scored positions per fp32 log-softmax: bounds the [chunk, vocabulary] logits held at once.
+LOGPROB_CHUNK = 2048
+
+
+@dataclass
+class MigOptions:
+    """How the process reward is computed (SPEC sections 1-2): the one place of these defaults, shared by the
+    ``mig`` section of a training config (``config.MigConfig``), ``vlm-mig score`` (``score.ScoreConfig``) and
+    the step segmenter (``steps.StepConfig``)."""
+
+    probe: str = DEFAULT_PROBE  #: closes the reasoning and opens the answer when scoring l_k
+    min_step_chars: int = bounded(8, ge=0)  #: steps shorter than this merge into a neighbour
+    max_steps: int = bounded(16, ge=1)  #: cap on K; the tail merges into the last step
+    visual_evidence: bool = False  #: also score l_0 without the image (one extra pass over the prompts, copy 0 only)
+    max_tokens_per_batch: int = bounded(16384, ge=1)  #: bound on padded tokens of one packed scoring pass
+    l0_context: str = choice("empty_think", L0_CONTEXTS)  #: l_0 right after <think> (empty_think) or after l0_opener
+    l0_opener: str = DEFAULT_L0_OPENER  #: the neutral text after <think> that l_0 follows when l0_context is opener
+    answer_score: str = choice("mean", ANSWER_SCORES)  #: answer token log-probs -> l_k (sum: sequence log-prob)
+    watermark: bool = True  #: gains against the watermark (SPEC); false: raw l_k - l_{k-1} (ablation)
+    min_gain: float = bounded(0.0, ge=0)  #: a gain below this many nats counts as 0 (the watermark moves only past it)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    @property
+    def opener(self) -> str | None:
+        """The text copy 0 puts before the probe (``encode_answers``), None for an empty think."""
+        return self.l0_opener if self.l0_context == "opener" else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure math on tensors
 
 
 def watermark(scores: torch.Tensor, valid: torch.Tensor | None = None, min_gain: float = 0.0) -> torch.Tensor:
@@ -90,7 +121,7 @@ def process_reward(scores: torch.Tensor, valid: torch.Tensor | None = None, *, u
     return step_gains(scores, valid, use_watermark=use_watermark, min_gain=min_gain).sum(-1)
 
 
-def answer_scores(logprobs: torch.Tensor, copy: torch.Tensor, n_copies: int, mode: str = "mean",
+def answer_scores(logprobs: torch.Tensor, copy: torch.Tensor, n_copies: int, mode: str = MigOptions.answer_score,
                   unit: torch.Tensor | None = None) -> torch.Tensor:
     """One score per copy from the log-probs of its answer tokens (``copy[j]``: the copy of token j).
 
@@ -265,7 +296,7 @@ def image_features(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tens
     return list(out.pooler_output)
 
 
-def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
     """fp32 ``log p(target)`` for each row of ``hidden`` [N, H], in chunks (never all logits at once)."""
     head = model.get_output_embeddings()
     out = []
@@ -286,8 +317,8 @@ def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: in
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob_chunk: int = 2048,
-                   answer_score: str = "mean") -> list[RowScores]:
+def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob_chunk: int = LOGPROB_CHUNK,
+                   answer_score: str = MigOptions.answer_score) -> list[RowScores]:
     """Score a micro-batch of rollouts in one forward pass. Runs under the caller's grad mode.
 
     ``l`` uses ``answer_score``; ``l_by_score`` holds every answer score (they share the pass)."""
@@ -365,8 +396,9 @@ def _scatter_images(model, embeds: torch.Tensor, ids: torch.Tensor, rows: list[S
     return embeds
 
 
-def score_rows(model, rows: list[ScoreRow], probe_ids: torch.Tensor, max_tokens_per_batch: int = 16384,
-               logprob_chunk: int = 2048, answer_score: str = "mean") -> list[RowScores]:
+def score_rows(model, rows: list[ScoreRow], probe_ids: torch.Tensor,
+               max_tokens_per_batch: int = MigOptions.max_tokens_per_batch, logprob_chunk: int = LOGPROB_CHUNK,
+               answer_score: str = MigOptions.answer_score) -> list[RowScores]:
     """Score any number of rollouts, micro-batched so no pass exceeds ``max_tokens_per_batch`` (padded
     rows x length, i.e. the attention mask is bounded by its square per row)."""
 
@@ -403,6 +435,11 @@ def first_copy_rows(rows: list[ScoreRow]) -> list[ScoreRow]:
     """The rows cut down to copy 0 (l_0) and the completion tokens it can see: a cheap pass for l_0 alone."""
     return [replace(r, completion_ids=r.completion_ids[: r.cuts[0]], cuts=r.cuts[:1]) if r.cuts else r
             for r in rows]
+
+
+def encode_probe(tok, probe: str) -> torch.Tensor:
+    """The probe's own ids: what a copy holds before its answer when no answer form gave its own context."""
+    return torch.tensor(tok.encode(probe, add_special_tokens=False), dtype=torch.long)
 
 
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
@@ -502,7 +539,8 @@ def rollout_rows(model, rollouts, cuts: list[list[int]] | None = None,
 
 
 def blind_l0(model, processor, samples: list, rows: list[ScoreRow], probe_ids: torch.Tensor, template=None, *,
-             row_sample: Sequence[int] | None = None, max_tokens_per_batch: int = 16384, answer_score: str = "mean",
+             row_sample: Sequence[int] | None = None, max_tokens_per_batch: int = MigOptions.max_tokens_per_batch,
+             answer_score: str = MigOptions.answer_score,
              min_pixels: int | None = None, max_pixels: int | None = None) -> list[float | None]:
     """``l_0`` of each row with every image removed from its prompt (SPEC section 1, "visual evidence"):
     ``l_0`` minus this is what the image adds before any step. ``row_sample[i]`` is the index in ``samples``
@@ -545,7 +583,8 @@ def pad_logprobs(scores: list[RowScores], length: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_forced_logprobs(model, rollouts, max_tokens_per_batch: int = 16384) -> torch.Tensor:
+def teacher_forced_logprobs(model, rollouts,
+                            max_tokens_per_batch: int = MigOptions.max_tokens_per_batch) -> torch.Tensor:
     """``log pi_old`` of every completion token by a teacher-forced fp32 pass ([N, T], 0 on padding)."""
     rows = rollout_rows(model, rollouts)
     empty = torch.zeros(0, dtype=torch.long)
