@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from vlm_mig.adapter import adapter_for
 from vlm_mig.fields import bounded, check_fields, choice
 from vlm_mig.prompts import DEFAULT_L0_OPENER, DEFAULT_PROBE
 
@@ -290,15 +291,9 @@ def block_mask(layouts: list[PackedLayout], length: int, dtype: torch.dtype) -> 
 # The model-facing pass
 
 
-def image_features(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
-    """Vision-tower features, one [tokens, H] tensor per image (run once per prompt, shared by its group)."""
-    out = model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-    return list(out.pooler_output)
-
-
 def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
     """fp32 ``log p(target)`` for each row of ``hidden`` [N, H], in chunks (never all logits at once)."""
-    head = model.get_output_embeddings()
+    head = adapter_for(model).output_head(model)
     out = []
     if hasattr(head.weight, "ds_id"):
         # ZeRO-3 partitions the weight: only the module call gathers it (and routes its gradient back to the
@@ -339,12 +334,12 @@ def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob
         else:
             pos[i, :n] = lay.positions
     ids, pos = ids.to(device), pos.to(device)
-    embed = model.get_input_embeddings()
-    embeds = embed(ids)
+    adapter = adapter_for(model)
+    embeds = adapter.input_embeddings(model)(ids)
     if any(r.image_embeds is not None for r in rows):
-        embeds = _scatter_images(model, embeds, ids, rows)
+        embeds = _scatter_images(adapter.image_token_id(model), embeds, ids, rows)
     mask = block_mask(layouts, L, embeds.dtype).to(device)
-    hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
+    hidden = adapter.decoder(model)(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
     hidden = hidden.last_hidden_state
 
     # Gather every scored position of the micro-batch, then one chunked fp32 log-softmax.
@@ -376,9 +371,8 @@ def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob
     return results
 
 
-def _scatter_images(model, embeds: torch.Tensor, ids: torch.Tensor, rows: list[ScoreRow]) -> torch.Tensor:
+def _scatter_images(image_token: int, embeds: torch.Tensor, ids: torch.Tensor, rows: list[ScoreRow]) -> torch.Tensor:
     """Place each row's precomputed image features at its prompt's image-token positions."""
-    image_token = model.config.image_token_id
     feats = []
     for i, r in enumerate(rows):
         n = int((ids[i, : r.prompt_ids.numel()] == image_token).sum())
@@ -495,15 +489,14 @@ def encode_answers(tok, variants: Sequence[str], probe: str, opener: str | None 
 def prompt_rows(model, batch) -> list[dict]:
     """Per-sample prompt pieces from a left-padded ``PromptBatch``: ids, exact position ids and image
     features (the vision tower runs once here for the whole batch). Rollouts of a group share them."""
-    from vlm_mig.processing import rope_position_ids
-
+    adapter = adapter_for(model)
     device = next(model.parameters()).device
-    pos = rope_position_ids(model, batch.input_ids.to(device), batch.attention_mask.to(device),
-                            None if batch.mm_token_type_ids is None else batch.mm_token_type_ids.to(device),
-                            None if batch.image_grid_thw is None else batch.image_grid_thw.to(device)).cpu()
+    pos = adapter.position_ids(model, batch.input_ids.to(device), batch.attention_mask.to(device),
+                               None if batch.mm_token_type_ids is None else batch.mm_token_type_ids.to(device),
+                               None if batch.image_grid_thw is None else batch.image_grid_thw.to(device)).cpu()
     feats: list[torch.Tensor] = []
     if batch.pixel_values is not None:
-        feats = image_features(model, batch.pixel_values.to(device), batch.image_grid_thw.to(device))
+        feats = adapter.image_features(model, batch.pixel_values.to(device), batch.image_grid_thw.to(device))
     out, img = [], 0
     ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
     for i in range(ids.shape[0]):

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from vlm_mig.adapter import adapter_for
 from vlm_mig.data.loaders import FieldMap, load_jsonl
 from vlm_mig.data.schema import DataError, Sample, where
 from vlm_mig.fields import bounded
@@ -83,7 +84,7 @@ def score_samples(model, processor, samples: list[Sample], cfg: ScoreConfig | No
         raise ValueError(f"{len(completions)} completions for {len(samples)} samples")
     tok = tokenizer_of(processor)
     probe = encode_probe(tok, cfg.probe)
-    step_cfg = StepConfig.of(cfg)
+    step_cfg = StepConfig.of(cfg, atomic_pairs=adapter_for(model).atomic_pairs)
     out: list[dict[str, Any]] = []
     model.eval()
     bar = tqdm(total=len(samples), desc="score", disable=not progress)

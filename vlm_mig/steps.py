@@ -21,8 +21,8 @@ How it works, in the order of :func:`segment`:
    spaces/tabs right before it; the header belongs to the step it starts); with no header, after each
    blank-line run ``\\n\\s*\\n``; with neither, after each ``\\n``. Each boundary maps to the first cut at
    or after it (a vocabulary that glues ``\\n#`` into one token leaves that token in the previous step;
-   Qwen2-style pre-tokenizers never do). A boundary that lands inside an image/grounding span
-   (``<|vision_start|>…<|vision_end|>``, ``<|box_start|>…<|box_end|>``,
+   Qwen2-style pre-tokenizers never do). A boundary that lands inside an image/grounding span (the model
+   adapter's ``atomic_pairs``; Qwen-VL's: ``<|vision_start|>…<|vision_end|>``, ``<|box_start|>…<|box_end|>``,
    ``<|object_ref_start|>…<|object_ref_end|>``, ``<|quad_start|>…<|quad_end|>``; an unclosed one runs
    to the end) moves to the cut after its end.
 4. Pieces are merged: whitespace-only pieces before the first step are left out (not a step); text
@@ -63,18 +63,11 @@ from typing import Any
 
 import torch
 
+from vlm_mig.adapter import QWEN_VL_ATOMIC_PAIRS
 from vlm_mig.mig import MigOptions
 from vlm_mig.prompts import ANSWER_CLOSE, ANSWER_OPEN, STEP_HEADER, THINK_CLOSE, THINK_OPEN
 
 Span = tuple[int, int]
-
-#: Marker pairs whose spans are atomic (never cut by a step boundary): images/videos and grounding.
-ATOMIC_PAIRS: tuple[tuple[str, str], ...] = (
-    ("<|vision_start|>", "<|vision_end|>"),
-    ("<|box_start|>", "<|box_end|>"),
-    ("<|object_ref_start|>", "<|object_ref_end|>"),
-    ("<|quad_start|>", "<|quad_end|>"),
-)
 
 
 @dataclass(frozen=True)
@@ -86,7 +79,8 @@ class StepConfig:
     header: str = STEP_HEADER  #: step header that starts a step (first split rule)
     think_tags: tuple[str, str] = (THINK_OPEN, THINK_CLOSE)  #: opening/closing tags of the reasoning
     answer_tags: tuple[str, str] = (ANSWER_OPEN, ANSWER_CLOSE)  #: opening/closing tags of the answer
-    atomic_pairs: tuple[tuple[str, str], ...] = ATOMIC_PAIRS  #: (start, end) markers of spans never cut
+    #: (start, end) markers of spans never cut: the model's (``adapter_for(model).atomic_pairs``); Qwen-VL's by default
+    atomic_pairs: tuple[tuple[str, str], ...] = QWEN_VL_ATOMIC_PAIRS
     open_in_prompt: bool = False  #: the prompt ends with the think opener: the completion starts inside it
     require_close: bool = False  #: ``<think>`` without ``</think>`` gives K = 0 (default: runs to the end)
 
@@ -558,7 +552,6 @@ def span_mask(spans: Sequence[StepSpans], length: int, which: str, offset: int |
 
 
 __all__ = [
-    "ATOMIC_PAIRS",
     "StepConfig",
     "StepSpans",
     "TokenBytes",

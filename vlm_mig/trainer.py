@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from vlm_mig import checkpoint as ckpt
+from vlm_mig.adapter import adapter_for
 from vlm_mig.advantages import (
     compute_advantages,
     group_normalize,
@@ -42,6 +43,7 @@ from vlm_mig.mig import (
     ScoreRow,
     blind_l0,
     encode_answers,
+    encode_probe,
     packed_forward,
     pad_logprobs,
     pad_rows,
@@ -131,6 +133,7 @@ class Trainer:
         if getattr(model.config, "_attn_implementation", None) == "flash_attention_2":
             raise ConfigError("model.attn_implementation: flash_attention_2 cannot take the float 4D block mask "
                               "of the packed training and scoring passes; use sdpa (default) or eager")
+        self.adapter = adapter_for(model)
         model = self._prepare_model(model, resume_from)
         self.model = model
         params = [p for p in model.parameters() if p.requires_grad]
@@ -163,8 +166,8 @@ class Trainer:
         if mode == "rl" and cfg.loss.kl_coef > 0:
             self.ref_model = self._load_reference()
         self.engine = make_engine(cfg.rollout, self.model, self.processor, self.template) if mode == "rl" else None
-        self.step_cfg = StepConfig(min_step_chars=cfg.mig.min_step_chars, max_steps=cfg.mig.max_steps)
-        self.probe = torch.tensor(self.tok.encode(cfg.mig.probe, add_special_tokens=False))
+        self.step_cfg = StepConfig.of(cfg.mig, atomic_pairs=self.adapter.atomic_pairs)
+        self.probe = encode_probe(self.tok, cfg.mig.probe)
         self.reward_specs = self._reward_specs()
         with self.acc.main_process_first():  # synthetic sets are generated once, by the main process
             self.train_data = self._load_data(cfg.data.train, "train")
@@ -197,11 +200,11 @@ class Trainer:
 
     def _prepare_model(self, model: nn.Module, resume_from: Path | None) -> nn.Module:
         m = self.cfg.model
-        visual = getattr(getattr(model, "model", model), "visual", None)
-        if visual is not None and m.freeze_vision:
-            visual.requires_grad_(False)
-        elif visual is not None and m.freeze_patch_embed:
-            visual.patch_embed.requires_grad_(False)
+        tower, patch_embed = self.adapter.vision_tower(model), self.adapter.patch_embedding(model)
+        if tower is not None and m.freeze_vision:
+            tower.requires_grad_(False)
+        elif patch_embed is not None and m.freeze_patch_embed:
+            patch_embed.requires_grad_(False)
         if m.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False

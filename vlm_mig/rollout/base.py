@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
+from vlm_mig.adapter import adapter_for
 from vlm_mig.data.schema import Sample
 from vlm_mig.fields import bounded, check_fields, choice
-from vlm_mig.processing import PromptBatch, rope_position_ids, tokenizer_of
+from vlm_mig.processing import PromptBatch, tokenizer_of
 
 #: backend name -> "module:class" of its engine (``make_engine`` imports it only when it is chosen):
 #: hf (transformers generate, CPU/GPU), vllm (GPU only: pip install 'vlm-mig[vllm]')
@@ -158,8 +159,8 @@ def assemble_rollouts(model: Any, processor: Any, samples: list[Sample], batch: 
         texts=texts,
     )
     grid = repeated.image_grid_thw.cpu() if repeated.image_grid_thw is not None else None
-    rollouts.position_ids = rope_position_ids(model, torch.cat([rollouts.prompt_ids, completion], 1),
-                                              rollouts.attention_mask, rollouts.mm_token_type_ids, grid)
+    rollouts.position_ids = adapter_for(model).position_ids(model, torch.cat([rollouts.prompt_ids, completion], 1),
+                                                            rollouts.attention_mask, rollouts.mm_token_type_ids, grid)
     return rollouts
 
 
