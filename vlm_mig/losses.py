@@ -29,6 +29,7 @@ by zeros before any ``exp``, so padding with garbage log-probs can produce neith
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -117,14 +118,16 @@ class Denominators:
 
     @classmethod
     def from_batch(
-        cls, m_cot: torch.Tensor, m_full: torch.Tensor, gate: torch.Tensor, cfg: LossConfig
+        cls, m_cot: torch.Tensor, m_full: torch.Tensor, gate: torch.Tensor, cfg: LossConfig,
+        total: Callable[[list[float]], list[float]] | None = None,
     ) -> Denominators:
-        """Denominators of the batch ``(m_cot, m_full, gate)`` under ``cfg``."""
-        return cls(
-            cot=cls.of(m_cot, cfg.normalizer, cfg.max_completion_length),
-            full=cls.of(m_full, cfg.normalizer, cfg.max_completion_length),
-            sft=float(max(int(gate.bool().sum()), 1)),
-        )
+        """Denominators of the batch ``(m_cot, m_full, gate)`` under ``cfg``. When the batch is split over
+        processes, ``total`` sums each process's raw values (before the gated count is clamped to 1), so every
+        process divides by the global batch's."""
+        raw = [cls.of(m_cot, cfg.normalizer, cfg.max_completion_length),
+               cls.of(m_full, cfg.normalizer, cfg.max_completion_length), float(gate.bool().sum())]
+        cot, full, gated = raw if total is None else total(raw)
+        return cls(cot=cot, full=full, sft=max(gated, 1.0))
 
 
 def _clamped_log_ratio(logp: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,8 @@ from vlm_mig.prompts import DEFAULT_L0_OPENER, DEFAULT_PROBE
 ANSWER_SCORES = ("mean", "sum", "digits")
 #: Where l_0 is scored: right after ``<think>`` (an empty think), or after ``MigOptions.l0_opener``.
 L0_CONTEXTS = ("empty_think", "opener")
+#: No tokens: the probe of a pass that scores completions only (no answer copies).
+EMPTY = torch.zeros(0, dtype=torch.long)
 #: Scored positions per fp32 log-softmax: bounds the [chunk, vocabulary] logits held at once.
 LOGPROB_CHUNK = 2048
 
@@ -570,6 +572,15 @@ def pad_rows(rows: list[torch.Tensor], length: int) -> torch.Tensor:
     return out
 
 
+def pad_scores(scores: list[RowScores]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``l_0..l_K`` as one [N, K_max + 1] tensor on the CPU (0 past a row's K; at least one column),
+    and the mask of its real entries (what ``step_gains`` takes)."""
+    ls = [s.l.detach().cpu() for s in scores]
+    width = max(1, max(x.numel() for x in ls))
+    valid = torch.arange(width) < torch.tensor([x.numel() for x in ls]).unsqueeze(1)
+    return pad_rows(ls, width), valid
+
+
 def pad_logprobs(scores: list[RowScores], length: int) -> torch.Tensor:
     """Stack per-row completion log-probs into [N, length] on the CPU, detached, 0 on padding."""
     return pad_rows([s.completion_logprobs.detach().cpu() for s in scores], length)
@@ -580,6 +591,5 @@ def teacher_forced_logprobs(model, rollouts,
                             max_tokens_per_batch: int = MigOptions.max_tokens_per_batch) -> torch.Tensor:
     """``log pi_old`` of every completion token by a teacher-forced fp32 pass ([N, T], 0 on padding)."""
     rows = rollout_rows(model, rollouts)
-    empty = torch.zeros(0, dtype=torch.long)
-    scores = score_rows(model, rows, empty, max_tokens_per_batch)
+    scores = score_rows(model, rows, EMPTY, max_tokens_per_batch)
     return pad_logprobs(scores, rollouts.completion_ids.shape[1])

@@ -52,10 +52,8 @@ class RolloutConfig:
 
 @dataclass
 class Rollouts:
-    """One row per completion, grouped G per prompt (rows ``g*G .. g*G+G-1`` share prompt ``g``).
-
-    Stages add fields (steps, MIG scores, rewards, advantages); none re-tokenizes text.
-    """
+    """What an engine samples: one row per completion, grouped G per prompt (rows ``g*G .. g*G+G-1`` share prompt
+    ``g``). The RL step's stages build on it in a ``vlm_mig.rl.RLBatch``; none re-tokenizes text."""
 
     samples: list[Sample]  #: the B prompts' samples
     prompts: PromptBatch  #: the B prompts, left padded, with their images (not repeated)
@@ -66,8 +64,6 @@ class Rollouts:
     completion_mask: torch.Tensor  #: [N, T] 1 for every token through the first EOS
     texts: list[str]  #: decoded completions (special tokens dropped)
     position_ids: torch.Tensor | None = None  #: [3, N, P+T] M-RoPE ids (VLMs) or [N, P+T], 0 on padding
-    old_logprobs: torch.Tensor | None = None  #: [N, T] log pi_old, set by callers that need it (never by an engine)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def attention_mask(self) -> torch.Tensor:
