@@ -116,7 +116,8 @@ def _masked_group_normalize(
 
 
 def group_normalize(
-    rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-4, min_spread: float = 0.0
+    rewards: torch.Tensor, group_size: int, *, scale: str = AdvantageConfig.scale, eps: float = AdvantageConfig.eps,
+    min_spread: float = 0.0,
 ) -> torch.Tensor:
     """Sequence advantages [B] from rewards [B]: ``A_i = (R_i - mean_g R) / (std_g R + eps)``.
 
@@ -136,8 +137,8 @@ def step_normalize(
     step_mask: torch.Tensor,
     group_size: int,
     *,
-    scale: str = "group",
-    eps: float = 1e-4,
+    scale: str = AdvantageConfig.scale,
+    eps: float = AdvantageConfig.eps,
     min_spread: float = 0.0,
 ) -> torch.Tensor:
     """Step advantages [B, K] from the per-step gains ``g_k`` [B, K] (``process_credit: step``).
@@ -163,7 +164,8 @@ def zero_std_fraction(rewards: torch.Tensor, group_size: int, min_spread: float 
     return float(((spread <= 0) | (spread < min_spread)).float().mean())
 
 
-def process_token_mask(m_full: torch.Tensor, m_cot: torch.Tensor, process_mask: str = "cot") -> torch.Tensor:
+def process_token_mask(m_full: torch.Tensor, m_cot: torch.Tensor,
+                       process_mask: str = AdvantageConfig.process_mask) -> torch.Tensor:
     """The tokens the process advantage covers: ``M_cot`` (decoupled, SPEC) or ``M_full`` (the ablation)."""
     if process_mask not in PROCESS_MASKS:
         raise ValueError(f"process_mask must be one of {PROCESS_MASKS}, got {process_mask!r}")

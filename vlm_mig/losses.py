@@ -143,9 +143,9 @@ def pg_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    eps_clip: float = 0.2,
+    eps_clip: float = LossConfig.eps_clip,
     eps_clip_high: float | None = None,
-    normalizer: str = "grpo",
+    normalizer: str = LossConfig.normalizer,
     denom: float | None = None,
     max_completion_length: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -201,7 +201,7 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> tor
 
 def sft_gate(
     acc: torch.Tensor, fmt: torch.Tensor, r_proc: torch.Tensor | None = None, *, gate_proc: bool = False,
-    gates: str = "both",
+    gates: str = LossConfig.sft_gates,
 ) -> torch.Tensor:
     """Bool [B]: rollouts that pass the structural gate (``fmt = 1``) and the factual gate (``acc = 1``),
     and, with ``gate_proc``, ``R_proc > 0`` (so a correct answer that no step made likelier, a lucky
