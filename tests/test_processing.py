@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vlm_mig.adapter import adapter_for
 from vlm_mig.data.schema import DataError, Sample
 from vlm_mig.models import load_model, load_processor
-from vlm_mig.processing import PromptTemplate, build_messages, encode_prompts, load_images, rope_position_ids
+from vlm_mig.processing import PromptTemplate, build_messages, encode_prompts, load_images
 from vlm_mig.prompts import SYSTEM_PROMPT, format_solution
 
 
@@ -67,7 +68,8 @@ def test_mrope_ids_match_the_models_own_forward(tiny_vl_dir, make_image):
     samples = [Sample(id="a", question="How many?", images=[str(make_image("a.png"))], answer="1"),
                Sample(id="b", question="A much longer question about the objects?", images=[], answer="1")]
     batch = encode_prompts(proc, samples)
-    pos = rope_position_ids(model, batch.input_ids, batch.attention_mask, batch.mm_token_type_ids, batch.image_grid_thw)
+    pos = adapter_for(model).position_ids(model, batch.input_ids, batch.attention_mask, batch.mm_token_type_ids,
+                                          batch.image_grid_thw)
     assert pos.shape == (3, 2, batch.input_ids.shape[1])
     real = batch.attention_mask[0].bool()
     # Image tokens share the temporal id and spread over height/width; text continues from the max.

@@ -67,8 +67,12 @@ def test_config_validates_the_backend_and_the_vllm_settings(caplog):
 def test_make_engine_builds_hf_and_rejects_unknown_backends(tiny_vl_dir):
     model, proc = load_model(tiny_vl_dir), load_processor(tiny_vl_dir)
     assert isinstance(make_engine(RolloutConfig(), model, proc), HFRolloutEngine)
+    with pytest.raises(ValueError, match="backend must be one of hf, vllm, got 'sglang'"):
+        RolloutConfig(backend="sglang")
+    cfg = RolloutConfig()
+    cfg.backend = "sglang"  # set past the dataclass's own check: make_engine refuses it too
     with pytest.raises(ValueError, match="unknown backend 'sglang'"):
-        make_engine(RolloutConfig(backend="sglang"), model, proc)
+        make_engine(cfg, model, proc)
 
 
 def test_nothing_imports_vllm_unless_the_backend_is_chosen():

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vlm_mig.fields import bounded, check_fields, choice
+
 __all__ = [
     "PROCESS_CREDITS",
     "SCALES",
@@ -46,25 +48,17 @@ PROCESS_MASKS = ("cot", "full")
 class AdvantageConfig:
     """How rewards become advantages (SPEC section 4)."""
 
-    scale: str = "group"  #: divide by the group std ("group"), the batch std ("batch") or nothing ("none")
-    eps: float = 1e-4  #: added to the std, so a near-constant group cannot blow up
-    process_credit: str = (
-        "trajectory"  #: "trajectory": every CoT token gets A_proc_i; "step": step k gets g_k
-    )
-    process_mask: str = "cot"  #: tokens of the process advantage: "cot" (M_cot, SPEC) | "full" (M_full, ablation)
+    scale: str = choice("group", SCALES)  #: divide by the group std ("group"), the batch std ("batch") or nothing
+    eps: float = bounded(1e-4, gt=0)  #: added to the std, so a near-constant group cannot blow up
+    #: "trajectory": every CoT token gets A_proc_i; "step": step k gets g_k
+    process_credit: str = choice("trajectory", PROCESS_CREDITS)
+    process_mask: str = choice("cot", PROCESS_MASKS)  #: process-advantage tokens: M_cot (SPEC) | M_full (ablation)
 
     def __post_init__(self) -> None:
-        if self.scale not in SCALES:
-            raise ValueError(f"advantage scale must be one of {SCALES}, got {self.scale!r}")
-        if self.process_credit not in PROCESS_CREDITS:
-            raise ValueError(f"process_credit must be one of {PROCESS_CREDITS}, got {self.process_credit!r}")
-        if self.process_mask not in PROCESS_MASKS:
-            raise ValueError(f"process_mask must be one of {PROCESS_MASKS}, got {self.process_mask!r}")
+        check_fields(self)
         if self.process_mask == "full" and self.process_credit == "step":
             raise ValueError("process_mask 'full' needs process_credit 'trajectory': step credit has no value for "
                              "tokens outside the steps")
-        if not self.eps > 0:
-            raise ValueError(f"advantage eps must be > 0, got {self.eps}")
 
 
 def _check_groups(n: int, group_size: int) -> int:
@@ -122,7 +116,8 @@ def _masked_group_normalize(
 
 
 def group_normalize(
-    rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-4, min_spread: float = 0.0
+    rewards: torch.Tensor, group_size: int, *, scale: str = AdvantageConfig.scale, eps: float = AdvantageConfig.eps,
+    min_spread: float = 0.0,
 ) -> torch.Tensor:
     """Sequence advantages [B] from rewards [B]: ``A_i = (R_i - mean_g R) / (std_g R + eps)``.
 
@@ -142,8 +137,8 @@ def step_normalize(
     step_mask: torch.Tensor,
     group_size: int,
     *,
-    scale: str = "group",
-    eps: float = 1e-4,
+    scale: str = AdvantageConfig.scale,
+    eps: float = AdvantageConfig.eps,
     min_spread: float = 0.0,
 ) -> torch.Tensor:
     """Step advantages [B, K] from the per-step gains ``g_k`` [B, K] (``process_credit: step``).
@@ -169,7 +164,8 @@ def zero_std_fraction(rewards: torch.Tensor, group_size: int, min_spread: float 
     return float(((spread <= 0) | (spread < min_spread)).float().mean())
 
 
-def process_token_mask(m_full: torch.Tensor, m_cot: torch.Tensor, process_mask: str = "cot") -> torch.Tensor:
+def process_token_mask(m_full: torch.Tensor, m_cot: torch.Tensor,
+                       process_mask: str = AdvantageConfig.process_mask) -> torch.Tensor:
     """The tokens the process advantage covers: ``M_cot`` (decoupled, SPEC) or ``M_full`` (the ablation)."""
     if process_mask not in PROCESS_MASKS:
         raise ValueError(f"process_mask must be one of {PROCESS_MASKS}, got {process_mask!r}")

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from vlm_mig.config import ConfigError
 from vlm_mig.data.schema import DataError
 from vlm_mig.mig import ANSWER_SCORES, L0_CONTEXTS
+from vlm_mig.models import ARCHES
 from vlm_mig.score import ScoreConfig as ScoreDefaults
 from vlm_mig.warmup import WarmupConfig
 
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-tiny", help="write the tiny offline default model (HF folder, safetensors)")
     p.add_argument("--out", help="output folder (default: build once into the cache, $VLM_MIG_CACHE or "
                                  "~/.cache/vlm-mig, where `model.name_or_path: tiny` finds it)")
-    p.add_argument("--arch", default="qwen2-vl", choices=["qwen2-vl", "qwen2.5-vl", "qwen2"])
+    p.add_argument("--arch", default=ARCHES[0], choices=ARCHES)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-steps", type=int, default=None,
                    help=f"vision warm-up steps on synthetic scenes (default: {WarmupConfig.steps} for VLMs, a few "

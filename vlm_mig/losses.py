@@ -29,9 +29,12 @@ by zeros before any ``exp``, so padding with garbage log-probs can produce neith
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from vlm_mig.fields import bounded, check_fields, choice
 
 __all__ = [
     "LOG_RATIO_CLAMP",
@@ -61,27 +64,17 @@ class LossConfig:
     alpha: float = 1.0  #: weight of the process term PG(A_proc, M_cot); 0 for the GRPO baseline
     beta: float = 1.0  #: weight of the outcome term PG(A_out, M_full)
     gamma: float = 0.1  #: weight of the dual-gated SFT term; 0 for the GRPO baseline
-    kl_coef: float = 0.04  #: weight of KL(pi_theta || pi_ref) (k3); 0 disables the reference model
-    eps_clip: float = 0.2  #: PPO clip range: r is clipped to [1 - eps_clip, 1 + eps_clip_high]
-    eps_clip_high: float | None = None  #: upper clip (DAPO "clip-higher"); None means eps_clip
-    normalizer: str = "grpo"  #: "grpo" (per-sequence mean, then batch mean) | "dapo" (tokens) | "dr_grpo"
-    max_completion_length: int | None = None  #: the constant L of "dr_grpo"; None means the batch width T
+    kl_coef: float = bounded(0.04, ge=0)  #: weight of KL(pi_theta || pi_ref) (k3); 0 disables the reference model
+    eps_clip: float = bounded(0.2, ge=0, lt=1)  #: PPO clip range: r is clipped to [1 - eps_clip, 1 + eps_clip_high]
+    eps_clip_high: float | None = bounded(None, ge=0)  #: upper clip (DAPO "clip-higher"); None means eps_clip
+    #: "grpo" (per-sequence mean, then batch mean) | "dapo" (tokens) | "dr_grpo" (a constant)
+    normalizer: str = choice("grpo", NORMALIZERS)
+    max_completion_length: int | None = bounded(None, ge=1)  #: the constant L of "dr_grpo"; None: the batch width T
     sft_gate_proc: bool = False  #: third SFT gate R_proc > 0 (drops correct answers no step led to)
-    sft_gates: str = "both"  #: SFT gates: "both" (format and accuracy, SPEC) | "format" | "accuracy" (ablations)
+    sft_gates: str = choice("both", SFT_GATES)  #: "both" (format and accuracy, SPEC) | one of them (ablations)
 
     def __post_init__(self) -> None:
-        if self.normalizer not in NORMALIZERS:
-            raise ValueError(f"loss normalizer must be one of {NORMALIZERS}, got {self.normalizer!r}")
-        if self.sft_gates not in SFT_GATES:
-            raise ValueError(f"sft_gates must be one of {SFT_GATES}, got {self.sft_gates!r}")
-        if not 0 <= self.eps_clip < 1:
-            raise ValueError(f"eps_clip must be in [0, 1), got {self.eps_clip}")
-        if self.eps_clip_high is not None and self.eps_clip_high < 0:
-            raise ValueError(f"eps_clip_high must be >= 0, got {self.eps_clip_high}")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
-        if self.max_completion_length is not None and self.max_completion_length < 1:
-            raise ValueError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
+        check_fields(self)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -125,14 +118,16 @@ class Denominators:
 
     @classmethod
     def from_batch(
-        cls, m_cot: torch.Tensor, m_full: torch.Tensor, gate: torch.Tensor, cfg: LossConfig
+        cls, m_cot: torch.Tensor, m_full: torch.Tensor, gate: torch.Tensor, cfg: LossConfig,
+        total: Callable[[list[float]], list[float]] | None = None,
     ) -> Denominators:
-        """Denominators of the batch ``(m_cot, m_full, gate)`` under ``cfg``."""
-        return cls(
-            cot=cls.of(m_cot, cfg.normalizer, cfg.max_completion_length),
-            full=cls.of(m_full, cfg.normalizer, cfg.max_completion_length),
-            sft=float(max(int(gate.bool().sum()), 1)),
-        )
+        """Denominators of the batch ``(m_cot, m_full, gate)`` under ``cfg``. When the batch is split over
+        processes, ``total`` sums each process's raw values (before the gated count is clamped to 1), so every
+        process divides by the global batch's."""
+        raw = [cls.of(m_cot, cfg.normalizer, cfg.max_completion_length),
+               cls.of(m_full, cfg.normalizer, cfg.max_completion_length), float(gate.bool().sum())]
+        cot, full, gated = raw if total is None else total(raw)
+        return cls(cot=cot, full=full, sft=max(gated, 1.0))
 
 
 def _clamped_log_ratio(logp: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -148,9 +143,9 @@ def pg_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    eps_clip: float = 0.2,
+    eps_clip: float = LossConfig.eps_clip,
     eps_clip_high: float | None = None,
-    normalizer: str = "grpo",
+    normalizer: str = LossConfig.normalizer,
     denom: float | None = None,
     max_completion_length: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -206,7 +201,7 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> tor
 
 def sft_gate(
     acc: torch.Tensor, fmt: torch.Tensor, r_proc: torch.Tensor | None = None, *, gate_proc: bool = False,
-    gates: str = "both",
+    gates: str = LossConfig.sft_gates,
 ) -> torch.Tensor:
     """Bool [B]: rollouts that pass the structural gate (``fmt = 1``) and the factual gate (``acc = 1``),
     and, with ``gate_proc``, ``R_proc > 0`` (so a correct answer that no step made likelier, a lucky

@@ -15,7 +15,7 @@ so the pass equals K+1 separate passes to float tolerance. The same pass yields 
 completion token. Image features are computed once per prompt and shared by all rollouts of its group.
 Only scored positions get fp32 log-softmax, chunked, never full-vocabulary logits for the whole row.
 
-Options (``MigConfig``; SPEC section 2 has each decision and its measurement): the probe and the answer
+Options (``MigOptions``; SPEC section 2 has each decision and its measurement): the probe and the answer
 are tokenized as one text and split at the seam by character offsets (``encode_answers``), so each copy
 holds the tokens the model would have written; ``l_0`` is scored right after ``<think>`` or after a neutral
 opener; the answer's token log-probs become ``l_k`` by their mean, their sum, or with each number scored
@@ -32,14 +32,48 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-# --------------------------------------------------------------------------------------------------
-# Pure math on tensors
-
+from vlm_mig.adapter import adapter_for
+from vlm_mig.fields import bounded, check_fields, choice
+from vlm_mig.prompts import DEFAULT_L0_OPENER, DEFAULT_PROBE
 
 #: How the gold answer's token log-probs become one score (SPEC section 2, "answer score").
 ANSWER_SCORES = ("mean", "sum", "digits")
-#: Where l_0 is scored: right after ``<think>`` (an empty think), or after ``MigConfig.l0_opener``.
+#: Where l_0 is scored: right after ``<think>`` (an empty think), or after ``MigOptions.l0_opener``.
 L0_CONTEXTS = ("empty_think", "opener")
+#: No tokens: the probe of a pass that scores completions only (no answer copies).
+EMPTY = torch.zeros(0, dtype=torch.long)
+#: Scored positions per fp32 log-softmax: bounds the [chunk, vocabulary] logits held at once.
+LOGPROB_CHUNK = 2048
+
+
+@dataclass
+class MigOptions:
+    """How the process reward is computed (SPEC sections 1-2): the one place of these defaults, shared by the
+    ``mig`` section of a training config (``config.MigConfig``), ``vlm-mig score`` (``score.ScoreConfig``) and
+    the step segmenter (``steps.StepConfig``)."""
+
+    probe: str = DEFAULT_PROBE  #: closes the reasoning and opens the answer when scoring l_k
+    min_step_chars: int = bounded(8, ge=0)  #: steps shorter than this merge into a neighbour
+    max_steps: int = bounded(16, ge=1)  #: cap on K; the tail merges into the last step
+    visual_evidence: bool = False  #: also score l_0 without the image (one extra pass over the prompts, copy 0 only)
+    max_tokens_per_batch: int = bounded(16384, ge=1)  #: bound on padded tokens of one packed scoring pass
+    l0_context: str = choice("empty_think", L0_CONTEXTS)  #: l_0 right after <think> (empty_think) or after l0_opener
+    l0_opener: str = DEFAULT_L0_OPENER  #: the neutral text after <think> that l_0 follows when l0_context is opener
+    answer_score: str = choice("mean", ANSWER_SCORES)  #: answer token log-probs -> l_k (sum: sequence log-prob)
+    watermark: bool = True  #: gains against the watermark (SPEC); false: raw l_k - l_{k-1} (ablation)
+    min_gain: float = bounded(0.0, ge=0)  #: a gain below this many nats counts as 0 (the watermark moves only past it)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    @property
+    def opener(self) -> str | None:
+        """The text copy 0 puts before the probe (``encode_answers``), None for an empty think."""
+        return self.l0_opener if self.l0_context == "opener" else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure math on tensors
 
 
 def watermark(scores: torch.Tensor, valid: torch.Tensor | None = None, min_gain: float = 0.0) -> torch.Tensor:
@@ -90,7 +124,7 @@ def process_reward(scores: torch.Tensor, valid: torch.Tensor | None = None, *, u
     return step_gains(scores, valid, use_watermark=use_watermark, min_gain=min_gain).sum(-1)
 
 
-def answer_scores(logprobs: torch.Tensor, copy: torch.Tensor, n_copies: int, mode: str = "mean",
+def answer_scores(logprobs: torch.Tensor, copy: torch.Tensor, n_copies: int, mode: str = MigOptions.answer_score,
                   unit: torch.Tensor | None = None) -> torch.Tensor:
     """One score per copy from the log-probs of its answer tokens (``copy[j]``: the copy of token j).
 
@@ -259,15 +293,9 @@ def block_mask(layouts: list[PackedLayout], length: int, dtype: torch.dtype) -> 
 # The model-facing pass
 
 
-def image_features(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
-    """Vision-tower features, one [tokens, H] tensor per image (run once per prompt, shared by its group)."""
-    out = model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-    return list(out.pooler_output)
-
-
-def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
     """fp32 ``log p(target)`` for each row of ``hidden`` [N, H], in chunks (never all logits at once)."""
-    head = model.get_output_embeddings()
+    head = adapter_for(model).output_head(model)
     out = []
     if hasattr(head.weight, "ds_id"):
         # ZeRO-3 partitions the weight: only the module call gathers it (and routes its gradient back to the
@@ -286,8 +314,8 @@ def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: in
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob_chunk: int = 2048,
-                   answer_score: str = "mean") -> list[RowScores]:
+def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob_chunk: int = LOGPROB_CHUNK,
+                   answer_score: str = MigOptions.answer_score) -> list[RowScores]:
     """Score a micro-batch of rollouts in one forward pass. Runs under the caller's grad mode.
 
     ``l`` uses ``answer_score``; ``l_by_score`` holds every answer score (they share the pass)."""
@@ -308,12 +336,12 @@ def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob
         else:
             pos[i, :n] = lay.positions
     ids, pos = ids.to(device), pos.to(device)
-    embed = model.get_input_embeddings()
-    embeds = embed(ids)
+    adapter = adapter_for(model)
+    embeds = adapter.input_embeddings(model)(ids)
     if any(r.image_embeds is not None for r in rows):
-        embeds = _scatter_images(model, embeds, ids, rows)
+        embeds = _scatter_images(adapter.image_token_id(model), embeds, ids, rows)
     mask = block_mask(layouts, L, embeds.dtype).to(device)
-    hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
+    hidden = adapter.decoder(model)(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
     hidden = hidden.last_hidden_state
 
     # Gather every scored position of the micro-batch, then one chunked fp32 log-softmax.
@@ -345,9 +373,8 @@ def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob
     return results
 
 
-def _scatter_images(model, embeds: torch.Tensor, ids: torch.Tensor, rows: list[ScoreRow]) -> torch.Tensor:
+def _scatter_images(image_token: int, embeds: torch.Tensor, ids: torch.Tensor, rows: list[ScoreRow]) -> torch.Tensor:
     """Place each row's precomputed image features at its prompt's image-token positions."""
-    image_token = model.config.image_token_id
     feats = []
     for i, r in enumerate(rows):
         n = int((ids[i, : r.prompt_ids.numel()] == image_token).sum())
@@ -365,8 +392,9 @@ def _scatter_images(model, embeds: torch.Tensor, ids: torch.Tensor, rows: list[S
     return embeds
 
 
-def score_rows(model, rows: list[ScoreRow], probe_ids: torch.Tensor, max_tokens_per_batch: int = 16384,
-               logprob_chunk: int = 2048, answer_score: str = "mean") -> list[RowScores]:
+def score_rows(model, rows: list[ScoreRow], probe_ids: torch.Tensor,
+               max_tokens_per_batch: int = MigOptions.max_tokens_per_batch, logprob_chunk: int = LOGPROB_CHUNK,
+               answer_score: str = MigOptions.answer_score) -> list[RowScores]:
     """Score any number of rollouts, micro-batched so no pass exceeds ``max_tokens_per_batch`` (padded
     rows x length, i.e. the attention mask is bounded by its square per row)."""
 
@@ -403,6 +431,11 @@ def first_copy_rows(rows: list[ScoreRow]) -> list[ScoreRow]:
     """The rows cut down to copy 0 (l_0) and the completion tokens it can see: a cheap pass for l_0 alone."""
     return [replace(r, completion_ids=r.completion_ids[: r.cuts[0]], cuts=r.cuts[:1]) if r.cuts else r
             for r in rows]
+
+
+def encode_probe(tok, probe: str) -> torch.Tensor:
+    """The probe's own ids: what a copy holds before its answer when no answer form gave its own context."""
+    return torch.tensor(tok.encode(probe, add_special_tokens=False), dtype=torch.long)
 
 
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
@@ -458,15 +491,14 @@ def encode_answers(tok, variants: Sequence[str], probe: str, opener: str | None 
 def prompt_rows(model, batch) -> list[dict]:
     """Per-sample prompt pieces from a left-padded ``PromptBatch``: ids, exact position ids and image
     features (the vision tower runs once here for the whole batch). Rollouts of a group share them."""
-    from vlm_mig.processing import rope_position_ids
-
+    adapter = adapter_for(model)
     device = next(model.parameters()).device
-    pos = rope_position_ids(model, batch.input_ids.to(device), batch.attention_mask.to(device),
-                            None if batch.mm_token_type_ids is None else batch.mm_token_type_ids.to(device),
-                            None if batch.image_grid_thw is None else batch.image_grid_thw.to(device)).cpu()
+    pos = adapter.position_ids(model, batch.input_ids.to(device), batch.attention_mask.to(device),
+                               None if batch.mm_token_type_ids is None else batch.mm_token_type_ids.to(device),
+                               None if batch.image_grid_thw is None else batch.image_grid_thw.to(device)).cpu()
     feats: list[torch.Tensor] = []
     if batch.pixel_values is not None:
-        feats = image_features(model, batch.pixel_values.to(device), batch.image_grid_thw.to(device))
+        feats = adapter.image_features(model, batch.pixel_values.to(device), batch.image_grid_thw.to(device))
     out, img = [], 0
     ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
     for i in range(ids.shape[0]):
@@ -502,7 +534,8 @@ def rollout_rows(model, rollouts, cuts: list[list[int]] | None = None,
 
 
 def blind_l0(model, processor, samples: list, rows: list[ScoreRow], probe_ids: torch.Tensor, template=None, *,
-             row_sample: Sequence[int] | None = None, max_tokens_per_batch: int = 16384, answer_score: str = "mean",
+             row_sample: Sequence[int] | None = None, max_tokens_per_batch: int = MigOptions.max_tokens_per_batch,
+             answer_score: str = MigOptions.answer_score,
              min_pixels: int | None = None, max_pixels: int | None = None) -> list[float | None]:
     """``l_0`` of each row with every image removed from its prompt (SPEC section 1, "visual evidence"):
     ``l_0`` minus this is what the image adds before any step. ``row_sample[i]`` is the index in ``samples``
@@ -539,15 +572,24 @@ def pad_rows(rows: list[torch.Tensor], length: int) -> torch.Tensor:
     return out
 
 
+def pad_scores(scores: list[RowScores]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``l_0..l_K`` as one [N, K_max + 1] tensor on the CPU (0 past a row's K; at least one column),
+    and the mask of its real entries (what ``step_gains`` takes)."""
+    ls = [s.l.detach().cpu() for s in scores]
+    width = max(1, max(x.numel() for x in ls))
+    valid = torch.arange(width) < torch.tensor([x.numel() for x in ls]).unsqueeze(1)
+    return pad_rows(ls, width), valid
+
+
 def pad_logprobs(scores: list[RowScores], length: int) -> torch.Tensor:
     """Stack per-row completion log-probs into [N, length] on the CPU, detached, 0 on padding."""
     return pad_rows([s.completion_logprobs.detach().cpu() for s in scores], length)
 
 
 @torch.no_grad()
-def teacher_forced_logprobs(model, rollouts, max_tokens_per_batch: int = 16384) -> torch.Tensor:
+def teacher_forced_logprobs(model, rollouts,
+                            max_tokens_per_batch: int = MigOptions.max_tokens_per_batch) -> torch.Tensor:
     """``log pi_old`` of every completion token by a teacher-forced fp32 pass ([N, T], 0 on padding)."""
     rows = rollout_rows(model, rollouts)
-    empty = torch.zeros(0, dtype=torch.long)
-    scores = score_rows(model, rows, empty, max_tokens_per_batch)
+    scores = score_rows(model, rows, EMPTY, max_tokens_per_batch)
     return pad_logprobs(scores, rollouts.completion_ids.shape[1])

@@ -25,6 +25,9 @@ from vlm_mig.warmup import WarmupConfig
 logger = logging.getLogger(__name__)
 
 ARCHES = ("qwen2-vl", "qwen2.5-vl", "qwen2")
+#: Parameter dtypes ``load_model`` reads, by name.
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                                  "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: Qwen2-VL's special tokens, in the order the real vocabulary numbers them.
 SPECIAL_TOKENS = [
@@ -404,8 +407,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                 "float16": torch.float16, "fp16": torch.float16}[dtype]
+        dtype = DTYPES[dtype]
     auto = AutoModelForImageTextToText if is_vision_model(path) else AutoModelForCausalLM
     kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
     attn_implementation = resolve_attn_implementation(attn_implementation)

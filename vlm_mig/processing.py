@@ -179,31 +179,3 @@ def check_prompt_lengths(batch: PromptBatch, max_prompt_length: int) -> None:
                 f"max_prompt_length={max_prompt_length}; truncating would cut the prompt or its image tokens. "
                 "Raise max_prompt_length or lower max_pixels."
             )
-
-
-def rope_position_ids(
-    model: Any,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    mm_token_type_ids: torch.Tensor | None = None,
-    image_grid_thw: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Position ids the model would use for these rows: [3, B, L] M-RoPE ids for Qwen2-VL-style models
-    (``get_rope_index``), [B, L] for text models. Padding positions get 0.
-
-    Later stages pass these explicitly, so prefixes and packed copies keep the exact positions of the full
-    sequence instead of positions recomputed from truncated text.
-    """
-    inner = getattr(model, "model", model)
-    if hasattr(inner, "get_rope_index"):
-        if mm_token_type_ids is None:
-            mm_token_type_ids = torch.zeros_like(input_ids, dtype=torch.int)
-        pos, _ = inner.get_rope_index(
-            input_ids,
-            mm_token_type_ids=mm_token_type_ids,
-            image_grid_thw=image_grid_thw,
-            attention_mask=attention_mask,
-        )
-        return pos
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.masked_fill(attention_mask == 0, 0)

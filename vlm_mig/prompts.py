@@ -26,7 +26,7 @@ ANSWER_CLOSE = "</answer>"
 STEP_HEADER = "### Step"
 
 #: Text that closes the reasoning and opens the answer when scoring l_k (SPEC section 2).
-DEFAULT_PROBE = "</think>\n<answer>"
+DEFAULT_PROBE = f"{THINK_CLOSE}\n{ANSWER_OPEN}"
 #: The neutral text l_0 is scored after with ``mig.l0_context: opener``: what every gold solution
 #: (``format_solution``) writes between ``<think>`` and its first step.
 DEFAULT_L0_OPENER = "\n"

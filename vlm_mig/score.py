@@ -18,14 +18,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from vlm_mig.adapter import adapter_for
 from vlm_mig.data.loaders import FieldMap, load_jsonl
 from vlm_mig.data.schema import DataError, Sample, where
+from vlm_mig.fields import bounded
 from vlm_mig.mig import (
-    ANSWER_SCORES,
     L0_CONTEXTS,
+    MigOptions,
     ScoreRow,
     blind_l0,
     encode_answers,
+    encode_probe,
     first_copy_rows,
     prompt_rows,
     score_rows,
@@ -33,34 +36,16 @@ from vlm_mig.mig import (
     watermark,
 )
 from vlm_mig.processing import PromptTemplate, encode_prompts, tokenizer_of
-from vlm_mig.prompts import DEFAULT_L0_OPENER, DEFAULT_PROBE, format_solution
+from vlm_mig.prompts import format_solution
 from vlm_mig.steps import StepConfig, segment
 
 
 @dataclass
-class ScoreConfig:
-    """Settings of ``vlm-mig score`` (the MIG section of a training config uses the same names)."""
+class ScoreConfig(MigOptions):
+    """Settings of ``vlm-mig score``: the scoring options of a training config's ``mig`` section, plus these."""
 
-    probe: str = DEFAULT_PROBE  #: text that closes the reasoning and opens the answer
-    min_step_chars: int = 8  #: steps shorter than this merge into their neighbour
-    max_steps: int = 16  #: cap on K (the tail merges into the last step)
-    batch_size: int = 8  #: rows encoded and scored together
-    max_tokens_per_batch: int = 16384  #: bound on padded tokens per packed forward
-    visual_evidence: bool = False  #: also score l_0 with the images removed (language-prior check)
-    l0_context: str = "empty_think"  #: where l_0 is scored: empty_think | opener (after ``l0_opener``)
-    l0_opener: str = DEFAULT_L0_OPENER  #: the neutral text after ``<think>`` that l_0 follows with ``opener``
-    answer_score: str = "mean"  #: how the answer's token log-probs become l_k: mean | sum | digits
-    watermark: bool = True  #: False: gains are the raw l_k - l_{k-1} (ablation)
-    min_gain: float = 0.0  #: a gain below this (nats) counts as 0
+    batch_size: int = bounded(8, ge=1)  #: rows encoded and scored together
     compare_options: bool = False  #: also report l under every answer score and l_0 under every context
-
-    def __post_init__(self) -> None:
-        if self.l0_context not in L0_CONTEXTS:
-            raise ValueError(f"l0_context must be one of {L0_CONTEXTS}, got {self.l0_context!r}")
-        if self.answer_score not in ANSWER_SCORES:
-            raise ValueError(f"answer_score must be one of {ANSWER_SCORES}, got {self.answer_score!r}")
-        if self.min_gain < 0:
-            raise ValueError(f"min_gain must be >= 0, got {self.min_gain}")
 
 
 def read_score_rows(path: str | Path, task: str = "text") -> list[Sample]:
@@ -98,9 +83,8 @@ def score_samples(model, processor, samples: list[Sample], cfg: ScoreConfig | No
     elif len(completions) != len(samples):
         raise ValueError(f"{len(completions)} completions for {len(samples)} samples")
     tok = tokenizer_of(processor)
-    probe = torch.tensor(tok.encode(cfg.probe, add_special_tokens=False), dtype=torch.long)
-    step_cfg = StepConfig(min_step_chars=cfg.min_step_chars, max_steps=cfg.max_steps)
-    opener = cfg.l0_opener if cfg.l0_context == "opener" else None
+    probe = encode_probe(tok, cfg.probe)
+    step_cfg = StepConfig.of(cfg, atomic_pairs=adapter_for(model).atomic_pairs)
     out: list[dict[str, Any]] = []
     model.eval()
     bar = tqdm(total=len(samples), desc="score", disable=not progress)
@@ -114,7 +98,7 @@ def score_samples(model, processor, samples: list[Sample], cfg: ScoreConfig | No
                 ids = torch.tensor(tok.encode(text, add_special_tokens=False), dtype=torch.long)
                 sp = segment(ids, tok, config=step_cfg)
                 rows.append(ScoreRow(completion_ids=ids, cuts=sp.prefix_ends if sp.think else [],
-                                     **encode_answers(tok, s.variants, cfg.probe, opener), **p))
+                                     **encode_answers(tok, s.variants, cfg.probe, cfg.opener), **p))
                 spans.append(sp)
             scores = score_rows(model, rows, probe, cfg.max_tokens_per_batch, answer_score=cfg.answer_score)
             no_image = (blind_l0(model, processor, chunk, rows, probe, template,

@@ -21,8 +21,8 @@ How it works, in the order of :func:`segment`:
    spaces/tabs right before it; the header belongs to the step it starts); with no header, after each
    blank-line run ``\\n\\s*\\n``; with neither, after each ``\\n``. Each boundary maps to the first cut at
    or after it (a vocabulary that glues ``\\n#`` into one token leaves that token in the previous step;
-   Qwen2-style pre-tokenizers never do). A boundary that lands inside an image/grounding span
-   (``<|vision_start|>…<|vision_end|>``, ``<|box_start|>…<|box_end|>``,
+   Qwen2-style pre-tokenizers never do). A boundary that lands inside an image/grounding span (the model
+   adapter's ``atomic_pairs``; Qwen-VL's: ``<|vision_start|>…<|vision_end|>``, ``<|box_start|>…<|box_end|>``,
    ``<|object_ref_start|>…<|object_ref_end|>``, ``<|quad_start|>…<|quad_end|>``; an unclosed one runs
    to the end) moves to the cut after its end.
 4. Pieces are merged: whitespace-only pieces before the first step are left out (not a step); text
@@ -63,31 +63,31 @@ from typing import Any
 
 import torch
 
+from vlm_mig.adapter import QWEN_VL_ATOMIC_PAIRS
+from vlm_mig.mig import MigOptions
 from vlm_mig.prompts import ANSWER_CLOSE, ANSWER_OPEN, STEP_HEADER, THINK_CLOSE, THINK_OPEN
 
 Span = tuple[int, int]
-
-#: Marker pairs whose spans are atomic (never cut by a step boundary): images/videos and grounding.
-ATOMIC_PAIRS: tuple[tuple[str, str], ...] = (
-    ("<|vision_start|>", "<|vision_end|>"),
-    ("<|box_start|>", "<|box_end|>"),
-    ("<|object_ref_start|>", "<|object_ref_end|>"),
-    ("<|quad_start|>", "<|quad_end|>"),
-)
 
 
 @dataclass(frozen=True)
 class StepConfig:
     """Options of the step segmenter (SPEC.md section 1)."""
 
-    min_step_chars: int = 8  #: a piece whose stripped text is shorter than this merges into its neighbour
-    max_steps: int = 16  #: cap on K; steps past the cap are merged into the last one
+    min_step_chars: int = MigOptions.min_step_chars  #: a piece whose stripped text is shorter merges into a neighbour
+    max_steps: int = MigOptions.max_steps  #: cap on K; steps past the cap are merged into the last one
     header: str = STEP_HEADER  #: step header that starts a step (first split rule)
     think_tags: tuple[str, str] = (THINK_OPEN, THINK_CLOSE)  #: opening/closing tags of the reasoning
     answer_tags: tuple[str, str] = (ANSWER_OPEN, ANSWER_CLOSE)  #: opening/closing tags of the answer
-    atomic_pairs: tuple[tuple[str, str], ...] = ATOMIC_PAIRS  #: (start, end) markers of spans never cut
+    #: (start, end) markers of spans never cut: the model's (``adapter_for(model).atomic_pairs``); Qwen-VL's by default
+    atomic_pairs: tuple[tuple[str, str], ...] = QWEN_VL_ATOMIC_PAIRS
     open_in_prompt: bool = False  #: the prompt ends with the think opener: the completion starts inside it
     require_close: bool = False  #: ``<think>`` without ``</think>`` gives K = 0 (default: runs to the end)
+
+    @classmethod
+    def of(cls, options: MigOptions, **kwargs: Any) -> StepConfig:
+        """The segmenter a run's scoring options ask for (``kwargs``: the other fields, e.g. ``atomic_pairs``)."""
+        return cls(min_step_chars=options.min_step_chars, max_steps=options.max_steps, **kwargs)
 
     def __post_init__(self):
         if self.min_step_chars < 0:
@@ -132,12 +132,13 @@ class StepSpans:
             return []
         return [self.think[0]] + [e for _, e in self.steps]
 
-    def step_index(self, length: int | None = None) -> list[int]:
-        """Per-token step index (0-based; -1 for tokens outside every step), of ``length`` tokens."""
+    def step_index(self, length: int | None = None, offset: int = 0) -> list[int]:
+        """Per-token step index (0-based; -1 for tokens outside every step), of ``length`` tokens, with the
+        spans shifted right by ``offset``."""
         n = self.length if length is None else length
         out = [-1] * n
         for k, (s, e) in enumerate(self.steps):
-            s, e = min(s, n), min(e, n)
+            s, e = min(s + offset, n), min(e + offset, n)
             out[s:e] = [k] * (e - s)
         return out
 
@@ -530,13 +531,7 @@ def step_index(spans: Sequence[StepSpans], length: int, offset: int | Sequence[i
     ``offset`` shifts each row's spans (e.g. the prompt length when the tensor covers prompt+completion).
     """
     offs = [offset] * len(spans) if isinstance(offset, int) else list(offset)
-    rows = []
-    for sp, off in zip(spans, offs):
-        row = [-1] * length
-        for k, (s, e) in enumerate(sp.steps):
-            s, e = min(s + off, length), min(e + off, length)
-            row[s:e] = [k] * (e - s)
-        rows.append(row)
+    rows = [sp.step_index(length, off) for sp, off in zip(spans, offs)]
     return torch.tensor(rows, dtype=torch.long).reshape(len(spans), length)
 
 
@@ -557,7 +552,6 @@ def span_mask(spans: Sequence[StepSpans], length: int, which: str, offset: int |
 
 
 __all__ = [
-    "ATOMIC_PAIRS",
     "StepConfig",
     "StepSpans",
     "TokenBytes",

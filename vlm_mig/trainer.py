@@ -1,9 +1,10 @@
 """The training loop on accelerate: ``vlm-mig sft`` and ``vlm-mig train`` (SPEC section 6).
 
-One RL step: sample G completions per prompt -> segment steps -> (packed scoring: every l_k, and old
-log-probs when ``num_iterations > 1``) -> rewards -> advantages -> ``num_iterations`` passes of micro-batched
-updates with gradient accumulation and clipping. All state lives here; every formula lives in the pure
-modules (``mig``, ``rewards``, ``advantages``, ``losses``).
+One RL step is the pipeline of ``vlm_mig.rl.stages`` over one ``RLBatch``: rollout -> segment -> reward -> score
+(packed: every l_k, and old log-probs when ``num_iterations > 1``) -> advantages -> update (``num_iterations``
+passes of micro-batched updates with gradient accumulation and clipping). The trainer holds the state (models,
+optimizer, data order, checkpoints, logs) and is the update's ``Learner``; every formula lives in the pure
+modules (``steps``, ``mig``, ``rewards``, ``advantages``, ``losses``).
 
 Determinism: prompts of step ``s`` are a fixed slice of a seeded permutation, and each rollout is sampled
 from its own seeded stream (``rollout.sampling``), so a run with 2 processes equals a 1-process run with
@@ -15,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -26,40 +26,39 @@ import torch
 from torch import nn
 
 from vlm_mig import checkpoint as ckpt
-from vlm_mig.advantages import (
-    compute_advantages,
-    group_normalize,
-    process_token_mask,
-    step_normalize,
-    token_advantages,
-    within_group_credit,
-)
+from vlm_mig.adapter import adapter_for
 from vlm_mig.config import Config, ConfigError, save_config
 from vlm_mig.data.schema import DataError, Sample
 from vlm_mig.data.sources import load_source
-from vlm_mig.losses import Denominators, sft_gate, total_loss
-from vlm_mig.mig import (
-    ScoreRow,
-    blind_l0,
-    encode_answers,
-    packed_forward,
-    pad_logprobs,
-    pad_rows,
-    prompt_rows,
-    rollout_rows,
-    score_rows,
-    step_gains,
-)
+from vlm_mig.mig import EMPTY, ScoreRow, encode_probe, packed_forward, pad_rows, prompt_rows
 from vlm_mig.models import load_model, load_processor, tiny_model_dir
-from vlm_mig.processing import PromptTemplate, encode_prompts, is_processor, tokenizer_of
+from vlm_mig.processing import PromptTemplate, encode_prompts, tokenizer_of
 from vlm_mig.prompts import SYSTEM_PROMPT, format_solution
-from vlm_mig.rewards import RewardSpec, compute_rewards
+from vlm_mig.rewards import RewardSpec
+from vlm_mig.rl import stages
+from vlm_mig.rl.collective import sum_over_processes
+from vlm_mig.rl.metrics import step_metrics
 from vlm_mig.rollout import Rollouts, make_engine, select_prompts
 from vlm_mig.rollout.sampling import rollout_seed
-from vlm_mig.steps import StepConfig, cot_mask, segment_batch, step_index
+from vlm_mig.runlog import RunLog
+from vlm_mig.steps import StepConfig
 
 logger = logging.getLogger(__name__)
-EMPTY = torch.zeros(0, dtype=torch.long)
+
+
+class StageClock:
+    """Seconds per named phase of a step (a phase entered twice adds up)."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 class PolicyForward(nn.Module):
@@ -131,6 +130,7 @@ class Trainer:
         if getattr(model.config, "_attn_implementation", None) == "flash_attention_2":
             raise ConfigError("model.attn_implementation: flash_attention_2 cannot take the float 4D block mask "
                               "of the packed training and scoring passes; use sdpa (default) or eager")
+        self.adapter = adapter_for(model)
         model = self._prepare_model(model, resume_from)
         self.model = model
         params = [p for p in model.parameters() if p.requires_grad]
@@ -159,12 +159,16 @@ class Trainer:
             logger.info("resumed from %s at step %d", resume_from, self.step)
 
         self.template = template_of(cfg)
-        self.ref_model = None
-        if mode == "rl" and cfg.loss.kl_coef > 0:
-            self.ref_model = self._load_reference()
-        self.engine = make_engine(cfg.rollout, self.model, self.processor, self.template) if mode == "rl" else None
-        self.step_cfg = StepConfig(min_step_chars=cfg.mig.min_step_chars, max_steps=cfg.mig.max_steps)
-        self.probe = torch.tensor(self.tok.encode(cfg.mig.probe, add_special_tokens=False))
+        self.engine = self.scorer = None
+        if mode == "rl":
+            ref_model = self._load_reference() if cfg.loss.kl_coef > 0 else None
+            self.engine = make_engine(cfg.rollout, self.model, self.processor, self.template)
+            self.scorer = stages.Scorer(
+                model=self.model, processor=self.processor, template=self.template, mig=cfg.mig,
+                probe_ids=encode_probe(self.tok, cfg.mig.probe), step_scores=stages.needs_step_scores(cfg),
+                old_logprobs=cfg.trainer.num_iterations > 1, ref_model=ref_model,
+                min_pixels=cfg.rollout.min_pixels, max_pixels=cfg.rollout.max_pixels)
+        self.step_cfg = StepConfig.of(cfg.mig, atomic_pairs=self.adapter.atomic_pairs)
         self.reward_specs = self._reward_specs()
         with self.acc.main_process_first():  # synthetic sets are generated once, by the main process
             self.train_data = self._load_data(cfg.data.train, "train")
@@ -197,11 +201,11 @@ class Trainer:
 
     def _prepare_model(self, model: nn.Module, resume_from: Path | None) -> nn.Module:
         m = self.cfg.model
-        visual = getattr(getattr(model, "model", model), "visual", None)
-        if visual is not None and m.freeze_vision:
-            visual.requires_grad_(False)
-        elif visual is not None and m.freeze_patch_embed:
-            visual.patch_embed.requires_grad_(False)
+        tower, patch_embed = self.adapter.vision_tower(model), self.adapter.patch_embedding(model)
+        if tower is not None and m.freeze_vision:
+            tower.requires_grad_(False)
+        elif patch_embed is not None and m.freeze_patch_embed:
+            patch_embed.requires_grad_(False)
         if m.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -218,7 +222,7 @@ class Trainer:
 
     def _configure_deepspeed(self) -> None:
         """No dataloader goes through ``prepare``, so DeepSpeed's batch sizes are set here. The micro-batches of
-        one update are marked as accumulation by ``_backward`` (one optimizer step at the last), so DeepSpeed's
+        one update are marked as accumulation by ``backward`` (one optimizer step at the last), so DeepSpeed's
         own accumulation count stays 1 and it never rescales our globally normalised losses."""
         t = self.cfg.trainer
         ds = self.acc.state.deepspeed_plugin.deepspeed_config
@@ -246,18 +250,6 @@ class Trainer:
             ref = ref.to(self.acc.device)
         ref.eval()  # (a DeepSpeed engine's eval() returns None, so not chained)
         return ref
-
-    def _backward(self, loss: torch.Tensor, last: bool) -> None:
-        """Accumulate one micro-batch; only ``last`` ends the update (gradient sync / DeepSpeed step)."""
-        if self.deepspeed:
-            self.acc.gradient_state._set_sync_gradients(last)
-            try:
-                self.acc.backward(loss)
-            finally:
-                self.acc.gradient_state._set_sync_gradients(True)
-            return
-        with self.acc.no_sync(self.policy) if not last else contextlib.nullcontext():
-            self.acc.backward(loss)
 
     def _reward_specs(self) -> list[RewardSpec]:
         r = self.cfg.reward
@@ -327,136 +319,27 @@ class Trainer:
         return last
 
     def rl_step(self) -> dict[str, float]:
-        cfg, dev = self.cfg, self.acc.device
-        G = cfg.rollout.num_generations
-        times: dict[str, float] = {}
-        prompts, seeds = self.batch_for(self.step, cfg.trainer.prompts_per_step)
-        self._record_prompts(prompts)
-
-        t0 = time.perf_counter()
-        with self.acc.autocast():
-            r = self.engine.generate(prompts, seeds=seeds)
-        times["generate"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        N, T = r.completion_ids.shape
-        lengths = r.completion_lengths
-        spans = segment_batch(r.completion_ids, self.tok, lengths=lengths.tolist(), config=self.step_cfg)
-        m_full = r.completion_mask.bool()
-        m_cot = cot_mask(spans, T) & m_full
-        rows_samples = [r.sample_of(i) for i in range(N)]
-        rew = compute_rewards(
-            [r.prompts.texts[int(g)] for g in r.group], r.texts, self.reward_specs,
-            answer=[s.variants for s in rows_samples], task=[s.task for s in rows_samples],
-        )
-        r_out = torch.tensor(rew.total, dtype=torch.float32)
-        acc = torch.tensor([v or 0.0 for v in rew.components["accuracy"]])
-        fmt = torch.tensor([v or 0.0 for v in rew.components["format"]])
-        times["rewards"] = time.perf_counter() - t0
-
-        # Packed scoring: every l_k, and old log-probs when the update makes several passes.
-        t0 = time.perf_counter()
-        m = cfg.mig
-        need_mig = (cfg.loss.alpha != 0 or cfg.loss.sft_gate_proc or cfg.advantage.process_credit == "step"
-                    or m.visual_evidence)
-        need_old = cfg.trainer.num_iterations > 1
-        K = torch.tensor([sp.K for sp in spans])
-        r_proc = torch.zeros(N)
-        gains = torch.zeros(N, 0)
-        old_logp = None
-        l_pad = None
-        evidence: list[float | None] = [None] * N
-        if need_mig or need_old:
-            cuts = [sp.prefix_ends if (need_mig and sp.think) else [] for sp in spans]
-            opener = m.l0_opener if m.l0_context == "opener" else None
-            per_group: dict[int, dict] = {}  # the G rollouts of a prompt share its answer forms
-            for i, s in enumerate(rows_samples):
-                if need_mig and int(r.group[i]) not in per_group:
-                    per_group[int(r.group[i])] = encode_answers(self.tok, s.variants, m.probe, opener)
-            answers = [per_group[int(g)] if need_mig else {"variants": []} for g in r.group]
-            with torch.no_grad(), self.acc.autocast():
-                rows = rollout_rows(self.model, r, cuts, answers)
-                scores = score_rows(self.model, rows, self.probe, m.max_tokens_per_batch, answer_score=m.answer_score)
-                if m.visual_evidence and is_processor(self.processor):
-                    evidence = blind_l0(self.model, self.processor, r.samples, rows, self.probe, self.template,
-                                        row_sample=[int(g) for g in r.group],
-                                        max_tokens_per_batch=m.max_tokens_per_batch, answer_score=m.answer_score,
-                                        min_pixels=cfg.rollout.min_pixels, max_pixels=cfg.rollout.max_pixels)
-            if need_mig:
-                kmax = max(1, max(len(c) for c in cuts))
-                l_pad = torch.zeros(N, kmax)
-                valid = torch.zeros(N, kmax, dtype=torch.bool)
-                for i, s in enumerate(scores):
-                    n = s.l.numel()
-                    l_pad[i, :n] = s.l.cpu()
-                    valid[i, :n] = True
-                gains = step_gains(l_pad, valid, use_watermark=m.watermark, min_gain=m.min_gain)
-                r_proc = gains.sum(-1)
-            if need_old:
-                old_logp = pad_logprobs(scores, T)
-        ref_logp = None
-        if self.ref_model is not None:
-            with torch.no_grad(), self.acc.autocast():
-                ref = score_rows(self.ref_model, rollout_rows(self.ref_model, r), EMPTY, cfg.mig.max_tokens_per_batch)
-            ref_logp = pad_logprobs(ref, T)
-        times["score"] = time.perf_counter() - t0
-
-        adv = self._advantages(r_out, r_proc, m_full, m_cot, G, gains, K, spans, T)
-        gate = sft_gate(acc, fmt, r_proc, gate_proc=cfg.loss.sft_gate_proc, gates=cfg.loss.sft_gates)
-        m_proc = process_token_mask(m_full, m_cot, cfg.advantage.process_mask)
-        den = self._global_denominators(m_proc, m_full, gate)
-
-        t0 = time.perf_counter()
-        diags: list[tuple[int, dict[str, torch.Tensor]]] = []
-        grad_norm = 0.0
-        for _ in range(cfg.trainer.num_iterations):
-            chunks = list(range(0, N, cfg.trainer.micro_batch_size))
-            for c_i, start in enumerate(chunks):
-                idx = list(range(start, min(N, start + cfg.trainer.micro_batch_size)))
-                logp = self._logp(r, idx, T)
-                sl = torch.tensor(idx)
-                loss, diag = total_loss(
-                    logp, None if old_logp is None else old_logp[sl].to(dev), m_full[sl].to(dev), m_proc[sl].to(dev),
-                    adv.tok_out[sl].to(dev), adv.tok_proc[sl].to(dev), cfg.loss,
-                    ref_logp=None if ref_logp is None else ref_logp[sl].to(dev),
-                    acc=acc[sl].to(dev), fmt=fmt[sl].to(dev), r_proc=r_proc[sl].to(dev), denominators=den,
-                )
-                # DDP averages gradients over processes; the denominators are global, so undo the average.
-                self._backward(loss * self.acc.num_processes, last=c_i == len(chunks) - 1)
-                diags.append((len(idx), diag))
-            grad_norm = self._optimizer_step()
-        times["update"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        self.engine.sync_weights(self.model)  # the next rollouts sample from the updated policy
-        times["sync"] = time.perf_counter() - t0
-
-        n_tokens = int(r.attention_mask.sum())
-        metrics = {
-            "reward/total": float(r_out.mean()),
-            "reward/accuracy": float(acc.mean()),
-            "reward/format": float(fmt.mean()),
-            "mig/process_reward": float(r_proc.mean()),
-            "mig/K": float(K.float().mean()),
-            "mig/l0": float(l_pad[:, 0].mean()) if l_pad is not None else float("nan"),
-            **_signal_metrics(l_pad, gains, r_proc, G, evidence),
-            "adv/zero_std_out": adv.zero_std_out,
-            "adv/zero_std_proc": adv.zero_std_proc,
-            "adv/below_min_spread": adv.below_min_spread,
-            "adv/proc_abs_mean": float(adv.seq_proc.abs().mean()),
-            "length/completion": float(lengths.float().mean()),
-            "length/cot": float(m_cot.sum(-1).float().mean()),
-            "optim/grad_norm": grad_norm,
-            "optim/lr": float(self.scheduler.get_last_lr()[0]),
-            **{f"time/{k}": v for k, v in times.items()},
-            "time/tokens_per_s": n_tokens / max(1e-9, sum(times.values())),
-        }
-        metrics.update(_average_diags(diags, cfg.trainer.num_iterations))
-        if need_mig:
-            credit = within_group_credit(acc, r_proc, adv.seq_out, adv.seq_proc, G)
-            metrics.update({f"credit/{k}": v for k, v in credit.items()})
+        cfg, clock = self.cfg, StageClock()
+        samples, seeds = self.batch_for(self.step, cfg.trainer.prompts_per_step)
+        self._record_prompts(samples)
+        with clock("generate"), self.acc.autocast():
+            batch = stages.rollout(self.engine, samples, seeds)
+        with clock("rewards"):
+            stages.segment(batch, self.tok, self.step_cfg)
+            stages.reward(batch, self.reward_specs)
+        with clock("score"), self.acc.autocast():
+            stages.score(batch, self.scorer)
+        stages.advantages(batch, cfg.advantage, cfg.mig.min_spread, self.acc)
+        with clock("update"):
+            upd = stages.update(batch, self, cfg.loss, micro_batch_size=cfg.trainer.micro_batch_size,
+                                num_iterations=cfg.trainer.num_iterations, dist=self.acc)
+        with clock("sync"):
+            self.engine.sync_weights(self.model)  # the next rollouts sample from the updated policy
+        metrics = step_metrics(batch, upd, clock.times, float(self.scheduler.get_last_lr()[0]),
+                               cfg.trainer.num_iterations)
         metrics = self._reduce_metrics(metrics)
-        if self.is_main and self.cfg.trainer.sample_log_steps and self.step % self.cfg.trainer.sample_log_steps == 0:
-            self.log.samples(self.step + 1, r, spans, l_pad, rew, r_proc, gains, evidence)
+        if self.is_main and cfg.trainer.sample_log_steps and self.step % cfg.trainer.sample_log_steps == 0:
+            self.log.samples(self.step + 1, batch)
         return metrics
 
     def sft_step(self) -> dict[str, float]:
@@ -470,7 +353,7 @@ class Trainer:
         comps = [torch.tensor(self.tok.encode(format_solution(s.gold_steps, s.answer) + eos, add_special_tokens=False))
                  for s in samples]
         total_tokens = sum(c.numel() for c in comps)
-        world_tokens = self._reduce_sum(float(total_tokens))
+        (world_tokens,) = sum_over_processes(self.acc, [float(total_tokens)])
         loss_sum = 0.0
         chunks = list(range(0, len(samples), cfg.trainer.micro_batch_size))
         for c_i, start in enumerate(chunks):
@@ -480,9 +363,9 @@ class Trainer:
             logps = self.policy(sub, rows)
             # Token-level mean over the whole global batch (micro-batches and processes add up exactly).
             loss = -torch.cat(logps).sum() / world_tokens
-            self._backward(loss * self.acc.num_processes, last=c_i == len(chunks) - 1)
+            self.backward(loss, last=c_i == len(chunks) - 1)
             loss_sum += float(loss.detach()) * self.acc.num_processes
-        grad_norm = self._optimizer_step()
+        grad_norm = self.optimizer_step()
         elapsed = time.perf_counter() - t0
         metrics = {"loss": loss_sum / self.acc.num_processes, "optim/grad_norm": grad_norm,
                    "optim/lr": float(self.scheduler.get_last_lr()[0]), "time/update": elapsed,
@@ -497,61 +380,38 @@ class Trainer:
         with open(self.out / f"prompts_rank{self.acc.process_index}.jsonl", "a") as f:
             f.write(json.dumps({"step": self.step + 1, "ids": [s.id for s in samples]}) + "\n")
 
-    def _logp(self, r: Rollouts, idx: list[int], T: int) -> torch.Tensor:
-        """Gradient-carrying log pi_theta of the completions ``idx`` ([len(idx), T], 0 on padding)."""
-        groups = sorted({int(r.group[i]) for i in idx})
-        sub = select_prompts(r.prompts, groups).to(self.acc.device)
+    # The update stage's Learner: the policy's passes, the backward and the optimizer step
+
+    @property
+    def device(self) -> torch.device:
+        return self.acc.device
+
+    def completion_logprobs(self, rollouts: Rollouts, rows: list[int]) -> torch.Tensor:
+        """Gradient-carrying log pi_theta of the completions ``rows`` ([len(rows), T], 0 on padding)."""
+        groups = sorted({int(rollouts.group[i]) for i in rows})
+        sub = select_prompts(rollouts.prompts, groups).to(self.device)
         where = {g: j for j, g in enumerate(groups)}
-        lengths = r.completion_lengths
-        rows = [{"prompt": where[int(r.group[i])], "completion_ids": r.completion_ids[i, : int(lengths[i])]
-                 .to(self.acc.device)} for i in idx]
-        return pad_rows(self.policy(sub, rows), T)
+        lengths = rollouts.completion_lengths
+        specs = [{"prompt": where[int(rollouts.group[i])],
+                  "completion_ids": rollouts.completion_ids[i, : int(lengths[i])].to(self.device)} for i in rows]
+        return pad_rows(self.policy(sub, specs), rollouts.completion_ids.shape[1])
 
-    def _advantages(self, r_out, r_proc, m_full, m_cot, G, gains, K, spans, T):
-        cfg = self.cfg.advantage
-        floor = self.cfg.mig.min_spread
-        step_kw = {}
-        if cfg.process_credit == "step":
-            kmax = gains.shape[1]
-            step_mask = torch.arange(kmax).unsqueeze(0) < K.unsqueeze(1)
-            step_kw = {"step_gains": gains, "step_mask": step_mask, "token_step": step_index(spans, T)}
-        adv = compute_advantages(r_out, r_proc, m_full, m_cot, G, cfg, min_spread=floor, **step_kw)
-        if self.acc.num_processes == 1 or cfg.scale != "batch":
-            # Groups never cross processes, so group statistics are local.
-            return adv
-        # Batch-std scaling needs the global batch: normalise the gathered rewards, keep this process's rows.
-        rank, n = self.acc.process_index, r_out.numel()
-        mine = slice(rank * n, (rank + 1) * n)
-        all_out = self.acc.gather(r_out.to(self.acc.device)).cpu()
-        all_proc = self.acc.gather(r_proc.to(self.acc.device)).cpu()
-        adv.seq_out = group_normalize(all_out, G, scale="batch", eps=cfg.eps)[mine]
-        adv.tok_out = token_advantages(adv.seq_out, m_full)
-        adv.seq_proc = group_normalize(all_proc, G, scale="batch", eps=cfg.eps, min_spread=floor)[mine]
-        if cfg.process_credit == "trajectory":
-            adv.tok_proc = token_advantages(adv.seq_proc, process_token_mask(m_full, m_cot, cfg.process_mask))
-        else:
-            # Each process has as many step columns as its longest K: pad to the widest before gathering.
-            width = gains.shape[1]
-            stacked = torch.cat([gains, step_kw["step_mask"].float()], dim=1).to(self.acc.device)
-            widest = int(self.acc.gather(torch.tensor([width], device=self.acc.device)).max())
-            stacked = torch.cat([stacked[:, :width], stacked.new_zeros(n, widest - width),
-                                 stacked[:, width:], stacked.new_zeros(n, widest - width)], dim=1)
-            stacked = self.acc.gather(stacked).cpu()
-            step_adv = step_normalize(stacked[:, :widest], stacked[:, widest:].bool(), G, scale="batch", eps=cfg.eps,
-                                      min_spread=floor)[mine, :width]
-            adv.tok_proc = token_advantages(None, m_cot, step_adv=step_adv, token_step=step_kw["token_step"])
-        return adv
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Accumulate one micro-batch's share of a globally normalised loss; only ``last`` ends the update
+        (gradient sync / DeepSpeed step)."""
+        # DDP averages gradients over processes; the loss is already divided by global counts, so undo it.
+        loss = loss * self.acc.num_processes
+        if self.deepspeed:
+            self.acc.gradient_state._set_sync_gradients(last)
+            try:
+                self.acc.backward(loss)
+            finally:
+                self.acc.gradient_state._set_sync_gradients(True)
+            return
+        with self.acc.no_sync(self.policy) if not last else contextlib.nullcontext():
+            self.acc.backward(loss)
 
-    def _global_denominators(self, m_cot, m_full, gate) -> Denominators:
-        cfg = self.cfg.loss
-        raw = torch.tensor([Denominators.of(m_cot, cfg.normalizer, cfg.max_completion_length),
-                            Denominators.of(m_full, cfg.normalizer, cfg.max_completion_length),
-                            float(gate.sum())])
-        if self.acc.num_processes > 1:
-            raw = self.acc.reduce(raw.to(self.acc.device), reduction="sum").cpu()
-        return Denominators(cot=float(raw[0]), full=float(raw[1]), sft=max(float(raw[2]), 1.0))
-
-    def _optimizer_step(self) -> float:
+    def optimizer_step(self) -> float:
         clip = self.cfg.optim.max_grad_norm
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.deepspeed:
@@ -566,11 +426,6 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
-
-    def _reduce_sum(self, value: float) -> float:
-        if self.acc.num_processes == 1:
-            return value
-        return float(self.acc.reduce(torch.tensor([value], device=self.acc.device), reduction="sum").cpu()[0])
 
     def _reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Mean of each metric over processes (time and throughput: the slowest / the sum)."""
@@ -628,109 +483,3 @@ class Trainer:
             logger.info("saved %s", final)
         self.acc.wait_for_everyone()
         return final
-
-
-def _signal_metrics(l_pad: torch.Tensor | None, gains: torch.Tensor, r_proc: torch.Tensor, G: int,
-                    evidence: list[float | None]) -> dict[str, float]:
-    """How much the process signal carries: the spread of R_proc within groups (what the noise floor
-    ``mig.min_spread`` is compared with), the share of all gain earned by the first step, and the visual
-    evidence ``l_0 - l_0 without the image`` (``mig.visual_evidence``; NaN when not computed)."""
-    if l_pad is None:
-        return {}
-    spread = r_proc.view(-1, G).amax(-1) - r_proc.view(-1, G).amin(-1)
-    total = float(gains.clamp_min(0).sum())
-    seen = [float(l_pad[i, 0]) - e for i, e in enumerate(evidence) if e is not None]
-    return {
-        "mig/proc_spread": float(spread.mean()),
-        "mig/first_step_share": float(gains[:, :1].clamp_min(0).sum()) / total if total > 0 else float("nan"),
-        "mig/visual_evidence": sum(seen) / len(seen) if seen else float("nan"),
-    }
-
-
-#: Diagnostics that are sums over micro-batches (each micro-batch holds its share of a batch-level value).
-_ADDITIVE = ("loss", "pg_proc", "pg_out", "kl", "sft", "sft_gated")
-
-
-def _average_diags(diags: list[tuple[int, dict[str, torch.Tensor]]], passes: int) -> dict[str, float]:
-    """Per-pass loss diagnostics: additive terms summed over micro-batches, the rest row-weighted means;
-    both averaged over the ``passes`` optimisation passes."""
-    out: dict[str, float] = {}
-    total = sum(n for n, _ in diags) or 1
-    for n, d in diags:
-        for k, v in d.items():
-            w = 1.0 if k in _ADDITIVE else n * passes / total
-            out[f"loss/{k}"] = out.get(f"loss/{k}", 0.0) + float(v) * w
-    return {k: v / passes for k, v in out.items()}
-
-
-class RunLog:
-    """metrics.jsonl + TensorBoard (+ wandb when installed and asked) + sample completions, main process only."""
-
-    def __init__(self, out: Path, cfg: Config, enabled: bool = True):
-        self.enabled = enabled
-        self.out = out
-        self.tb = None
-        self.wandb = None
-        if not enabled:
-            return
-        if "tensorboard" in cfg.trainer.report_to:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        if "wandb" in cfg.trainer.report_to:
-            try:
-                import wandb
-
-                self.wandb = wandb.init(project="vlm-mig", config=cfg.to_dict(), dir=str(out))
-            except ImportError:
-                logger.warning("report_to has wandb but wandb is not installed (pip install 'vlm-mig[wandb]')")
-
-    def truncate_after(self, step: int, rank_files: str) -> None:
-        names = [rank_files] + (["metrics.jsonl", "samples.jsonl"] if self.enabled else [])
-        for name in names:
-            path = self.out / name
-            if not path.is_file():
-                continue
-            keep = []
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= step:
-                        keep.append(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line from a killed run
-            path.write_text("".join(x + "\n" for x in keep))
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled or not metrics:
-            return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
-        for k, v in metrics.items():
-            if self.tb is not None and isinstance(v, (int, float)) and math.isfinite(v):
-                self.tb.add_scalar(k, v, step)
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
-
-    def samples(self, step: int, r: Rollouts, spans, l_pad, rew, r_proc, gains, evidence, limit: int = 4) -> None:
-        if not self.enabled:
-            return
-        with open(self.out / "samples.jsonl", "a") as f:
-            for i in range(min(limit, len(r.texts))):
-                s = r.sample_of(i)
-                K = spans[i].K
-                rec = {"step": step, "id": s.id, "question": s.question, "answer": s.answer,
-                       "completion": r.texts[i], "steps": spans[i].texts, "reward": rew.total[i],
-                       "process_reward": float(r_proc[i])}
-                if l_pad is not None and spans[i].think is not None:
-                    rec["l"] = [round(float(x), 5) for x in l_pad[i, : K + 1]]
-                    rec["gains"] = [round(float(x), 5) for x in gains[i, :K]]
-                    if evidence[i] is not None:
-                        rec["visual_evidence_gain"] = round(float(l_pad[i, 0]) - evidence[i], 5)
-                f.write(json.dumps(rec) + "\n")
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlm_mig.adapter import adapter_for
+
 logger = logging.getLogger(__name__)
 
 
@@ -118,9 +120,8 @@ def _scene_tensors(processor, cfg: WarmupConfig, first: int, n: int, image_size:
 def _features(model, pixel_values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """Merged image tokens [B, tokens, H] through the model's own vision path (stock forward)."""
     b = pixel_values.shape[0]
-    out = model.model.get_image_features(pixel_values.reshape(-1, pixel_values.shape[-1]),
-                                         grid.unsqueeze(0).repeat(b, 1), return_dict=True)
-    return torch.stack(list(out.pooler_output))
+    return torch.stack(adapter_for(model).image_features(model, pixel_values.reshape(-1, pixel_values.shape[-1]),
+                                                         grid.unsqueeze(0).repeat(b, 1)))
 
 
 @contextlib.contextmanager
@@ -172,7 +173,7 @@ def warm_up_vision(model, processor, cfg: WarmupConfig | None = None, seed: int 
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        with patch_embedding_as_matmul(model.model.visual):
+        with patch_embedding_as_matmul(adapter_for(model).vision_tower(model)):
             return _warm_up(model, processor, cfg, seed, image_size, progress)
     finally:
         torch.set_num_threads(prev_threads)
@@ -185,7 +186,7 @@ def _warm_up(model, processor, cfg: WarmupConfig, seed: int, image_size: int, pr
     train_pv, grid, train_t = _scene_tensors(processor, cfg, 0, cfg.scenes, image_size)
     eval_pv, _, eval_t = _scene_tensors(processor, cfg, cfg.scenes, cfg.eval_scenes, image_size)
     data_s = time.perf_counter() - t0
-    vision = model.model.visual
+    vision = adapter_for(model).vision_tower(model)
     was_training = model.training
     torch.manual_seed(seed)
     hidden = model.config.get_text_config().hidden_size

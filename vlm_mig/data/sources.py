@@ -9,6 +9,8 @@ from vlm_mig.data.loaders import load_hf_dataset, load_jsonl, load_r1v_jsonl, lo
 from vlm_mig.data.schema import DataError, Sample
 
 SYNTHETIC = ("synthetic:clevr", "synthetic:arithmetic")
+#: How a path is read (``data.format``); ``auto`` tells them apart by the folder layout and the jsonl fields.
+FORMATS = ("auto", "jsonl", "r1v", "superclevr", "hf")
 
 
 def load_source(spec: str, *, task: str, cache_dir: str | Path, fmt: str = "auto", image_root: str | None = None,
@@ -38,7 +40,7 @@ def load_source(spec: str, *, task: str, cache_dir: str | Path, fmt: str = "auto
         return list(load_superclevr(path, **kw))
     if fmt == "hf":
         return list(load_hf_dataset(path, task=task, image_root=image_root, **kw))
-    raise DataError(f"data.format: unknown format {fmt!r}; expected auto | jsonl | r1v | superclevr | hf")
+    raise DataError(f"data.format: unknown format {fmt!r}; expected {' | '.join(FORMATS)}")
 
 
 def _looks_r1v(path: Path) -> bool:

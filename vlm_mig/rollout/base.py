@@ -13,40 +13,47 @@ from typing import Any
 
 import torch
 
+from vlm_mig.adapter import adapter_for
 from vlm_mig.data.schema import Sample
-from vlm_mig.processing import PromptBatch, rope_position_ids, tokenizer_of
+from vlm_mig.fields import bounded, check_fields, choice
+from vlm_mig.processing import PromptBatch, tokenizer_of
+
+#: backend name -> "module:class" of its engine (``make_engine`` imports it only when it is chosen):
+#: hf (transformers generate, CPU/GPU), vllm (GPU only: pip install 'vlm-mig[vllm]')
+BACKENDS: dict[str, str] = {
+    "hf": "vlm_mig.rollout.hf:HFRolloutEngine",
+    "vllm": "vlm_mig.rollout.vllm:VLLMRolloutEngine",
+}
 
 
 @dataclass
 class RolloutConfig:
     """Sampling settings (SPEC defaults for a paper-style run)."""
 
-    num_generations: int = 8  #: G, completions per prompt
-    temperature: float = 1.0  #: sampling temperature
-    top_p: float = 1.0  #: nucleus sampling threshold
-    max_new_tokens: int = 1024  #: max completion length
-    max_prompt_length: int | None = None  #: longer prompts are an error naming the sample (never truncated)
+    num_generations: int = bounded(8, ge=1)  #: G, completions per prompt
+    temperature: float = bounded(1.0, ge=0)  #: sampling temperature
+    top_p: float = bounded(1.0, ge=0, le=1)  #: nucleus sampling threshold
+    max_new_tokens: int = bounded(1024, ge=1)  #: max completion length
+    max_prompt_length: int | None = bounded(None, ge=1)  #: longer prompts are an error naming the sample
     min_pixels: int | None = None  #: image sizing lower bound (qwen-vl-utils semantics)
     max_pixels: int | None = None  #: image sizing upper bound
-    backend: str = "hf"  #: hf (transformers generate, CPU/GPU) | vllm (GPU only: pip install 'vlm-mig[vllm]')
-    vllm_gpu_memory_utilization: float = 0.3  #: share of each GPU vLLM may take (weights + KV cache), beside training
+    backend: str = choice("hf", BACKENDS)  #: the sampler (see ``BACKENDS``)
+    vllm_gpu_memory_utilization: float = bounded(0.3, gt=0, le=1)  #: share of each GPU vLLM may take, beside training
     vllm_sleep: bool = True  #: free vLLM's GPU memory during scoring and the update (sleep level 1), where supported
-    vllm_dtype: str = "bfloat16"  #: vLLM's weight dtype (auto: the checkpoint's); the trainer's own passes keep theirs
-    vllm_max_model_len: int | None = None  #: prompt + completion room vLLM reserves; None: the model's context length
-    vllm_max_images: int | None = None  #: images per prompt vLLM reserves room for; None: vLLM's default
+    #: vLLM's weight dtype (auto: the checkpoint's); the trainer's own passes keep theirs
+    vllm_dtype: str = choice("bfloat16", ("auto", "bfloat16", "float16", "float32"))
+    vllm_max_model_len: int | None = bounded(None, ge=1)  #: prompt + completion room vLLM reserves; None: the model's
+    vllm_max_images: int | None = bounded(None, ge=1)  #: images per prompt vLLM reserves room for; None: vLLM's default
     vllm_kwargs: dict[str, Any] = field(default_factory=dict)  #: further vllm.LLM(...) arguments (e.g. enforce_eager)
 
     def __post_init__(self):
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        check_fields(self)
 
 
 @dataclass
 class Rollouts:
-    """One row per completion, grouped G per prompt (rows ``g*G .. g*G+G-1`` share prompt ``g``).
-
-    Stages add fields (steps, MIG scores, rewards, advantages); none re-tokenizes text.
-    """
+    """What an engine samples: one row per completion, grouped G per prompt (rows ``g*G .. g*G+G-1`` share prompt
+    ``g``). The RL step's stages build on it in a ``vlm_mig.rl.RLBatch``; none re-tokenizes text."""
 
     samples: list[Sample]  #: the B prompts' samples
     prompts: PromptBatch  #: the B prompts, left padded, with their images (not repeated)
@@ -57,8 +64,6 @@ class Rollouts:
     completion_mask: torch.Tensor  #: [N, T] 1 for every token through the first EOS
     texts: list[str]  #: decoded completions (special tokens dropped)
     position_ids: torch.Tensor | None = None  #: [3, N, P+T] M-RoPE ids (VLMs) or [N, P+T], 0 on padding
-    old_logprobs: torch.Tensor | None = None  #: [N, T] log pi_old, set by callers that need it (never by an engine)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def attention_mask(self) -> torch.Tensor:
@@ -150,8 +155,8 @@ def assemble_rollouts(model: Any, processor: Any, samples: list[Sample], batch: 
         texts=texts,
     )
     grid = repeated.image_grid_thw.cpu() if repeated.image_grid_thw is not None else None
-    rollouts.position_ids = rope_position_ids(model, torch.cat([rollouts.prompt_ids, completion], 1),
-                                              rollouts.attention_mask, rollouts.mm_token_type_ids, grid)
+    rollouts.position_ids = adapter_for(model).position_ids(model, torch.cat([rollouts.prompt_ids, completion], 1),
+                                                            rollouts.attention_mask, rollouts.mm_token_type_ids, grid)
     return rollouts
 
 

@@ -10,13 +10,9 @@ import importlib
 from typing import Any
 
 from vlm_mig.processing import PromptTemplate
-from vlm_mig.rollout.base import RolloutConfig, RolloutEngine
+from vlm_mig.rollout.base import BACKENDS, RolloutConfig, RolloutEngine
 
-#: backend name -> "module:class" of its engine
-BACKENDS: dict[str, str] = {
-    "hf": "vlm_mig.rollout.hf:HFRolloutEngine",
-    "vllm": "vlm_mig.rollout.vllm:VLLMRolloutEngine",
-}
+__all__ = ["BACKENDS", "make_engine"]
 
 
 def make_engine(config: RolloutConfig, model: Any, processor: Any,

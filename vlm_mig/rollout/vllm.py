@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from vlm_mig.adapter import adapter_for, base_model
 from vlm_mig.data.schema import Sample
 from vlm_mig.processing import PromptBatch, PromptTemplate, encode_prompts, is_processor, load_images
 from vlm_mig.rollout.base import (
@@ -47,7 +48,7 @@ from vlm_mig.rollout.base import (
     repeat_prompts,
 )
 from vlm_mig.rollout.sampling import rollout_seed
-from vlm_mig.rollout.weights import base_model, checkpoint_weights, gathered_parameters
+from vlm_mig.rollout.weights import checkpoint_weights, gathered_parameters
 
 VLLM_EXTRA = "pip install 'vlm-mig[vllm]'"
 
@@ -175,7 +176,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self.eos_ids, self.pad_id = eos_and_pad(model, processor)
         self.multimodal = is_processor(processor)
         hf_config = base_model(model).config
-        self.image_token_id = getattr(hf_config, "image_token_id", None) if self.multimodal else None
+        self.image_token_id = adapter_for(model).image_token_id(model) if self.multimodal else None
         path = getattr(hf_config, "_name_or_path", "")
         if not path:
             raise ValueError("rollout.backend=vllm builds its engine from the policy's checkpoint folder (or hub id); "

@@ -16,15 +16,12 @@ from typing import Any
 
 import torch
 
+from vlm_mig.adapter import base_model
+
+__all__ = ["base_model", "checkpoint_weights", "gathered_parameters"]
+
 # peft's adapter parameters: dropped, since they are folded into the base weight they wrap.
 _ADAPTER_PARAM = re.compile(r"(^|\.)lora_[^.]*\.")
-
-
-def base_model(model: Any) -> Any:
-    """The transformers model inside a peft wrapper (the model itself otherwise)."""
-    if getattr(model, "peft_config", None) is not None and hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    return model
 
 
 @torch.no_grad()

@@ -1,0 +1,68 @@
+"""``RLBatch``: one RL step's rollouts and everything the stages derive from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vlm_mig.advantages import Advantages
+from vlm_mig.data.schema import Sample
+from vlm_mig.rewards import Rewards
+from vlm_mig.rollout import Rollouts
+from vlm_mig.steps import StepSpans
+
+
+@dataclass
+class RLBatch:
+    """One row per completion, grouped G per prompt as in ``Rollouts``. The stages of ``vlm_mig.rl.stages`` fill
+    the fields in turn (rollout -> segment -> reward -> score -> advantages); none re-tokenizes text.
+
+    Tensors are on the CPU; the update moves each micro-batch's slice to the device.
+    """
+
+    rollouts: Rollouts  #: rollout: prompts, completion ids and masks, texts, position ids
+
+    spans: list[StepSpans] = field(default_factory=list)  #: segment: steps, think and answer spans of each row
+    m_full: torch.Tensor | None = None  #: segment: [N, T] bool, every completion token through EOS (M_full)
+    m_cot: torch.Tensor | None = None  #: segment: [N, T] bool, the tokens of the steps S_1..S_K (M_cot)
+
+    rewards: Rewards | None = None  #: reward: R_out and each of its components
+    r_out: torch.Tensor | None = None  #: reward: [N] R_out
+    acc: torch.Tensor | None = None  #: reward: [N] accuracy (0 where ungraded)
+    fmt: torch.Tensor | None = None  #: reward: [N] format
+
+    l: torch.Tensor | None = None  #: score: [N, K_max + 1] l_0..l_K, 0 past each row's K (None: not scored)
+    gains: torch.Tensor | None = None  #: score: [N, K_max] g_1..g_K ([N, 0] when not scored)
+    r_proc: torch.Tensor | None = None  #: score: [N] R_proc (0 when not scored)
+    l0_blind: list[float | None] = field(default_factory=list)  #: score: l_0 with the images removed (None: not)
+    old_logp: torch.Tensor | None = None  #: score: [N, T] log pi_old (None: the update's own detached pass)
+    ref_logp: torch.Tensor | None = None  #: score: [N, T] log pi_ref (None: no reference model)
+
+    adv: Advantages | None = None  #: advantages: sequence and token advantages
+    m_proc: torch.Tensor | None = None  #: advantages: [N, T] the tokens the process advantage covers
+
+    @property
+    def n(self) -> int:
+        """Rows (completions)."""
+        return self.rollouts.completion_ids.shape[0]
+
+    @property
+    def width(self) -> int:
+        """T, the padded completion length."""
+        return self.rollouts.completion_ids.shape[1]
+
+    @property
+    def group_size(self) -> int:
+        """G, completions per prompt."""
+        return self.rollouts.num_generations
+
+    @property
+    def samples(self) -> list[Sample]:
+        """The prompt sample of each row."""
+        return [self.rollouts.sample_of(i) for i in range(self.n)]
+
+    @property
+    def K(self) -> torch.Tensor:
+        """[N] number of steps of each row."""
+        return torch.tensor([sp.K for sp in self.spans])
