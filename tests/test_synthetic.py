@@ -459,3 +459,16 @@ def test_arithmetic_over_seeds(seed: int, num_ops: int) -> None:
     for sol in solution_variants(problem, seed).values():
         check_labels(list(sol.steps), list(sol.labels))
         assert all(v >= 0 for v in map(int, re.findall(r"-?\d+", " ".join(sol.steps))))
+
+
+def test_synthetic_source_takes_the_mix_and_step_style(tmp_path: Path) -> None:
+    from vlm_mig.data.sources import load_source
+
+    kw = {"task": "count", "cache_dir": tmp_path, "n": 30, "seed": 3}
+    listed = load_source("synthetic:clevr", **kw)
+    counts = load_source("synthetic:clevr", **kw, question_mix="multistep", list_objects=False)
+    assert {s.meta["question_type"] for s in listed} <= set(QUESTION_MIXES["counting"])
+    assert {s.meta["question_type"] for s in counts} - set(QUESTION_MIXES["counting"])  # add / subtract appear
+    assert any(":" in step for s in listed for step in s.gold_steps)
+    assert not any(":" in step for s in counts for step in s.gold_steps)
+    assert len({p.name for p in tmp_path.iterdir()}) == 2  # two cached sets, one per style

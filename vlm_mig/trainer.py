@@ -267,7 +267,8 @@ class Trainer:
             spec, task=d.task, cache_dir=self.out / "data", fmt=d.format, image_root=d.image_root,
             n=d.validation_n if val else d.synthetic_n, seed=d.synthetic_seed + (1000 if val else 0),
             condition=d.synthetic_condition, max_objects=d.max_objects, arithmetic_steps=tuple(d.arithmetic_steps),
-            skip_bad=d.skip_bad, limit=self.cfg.eval.limit if val else d.limit,
+            skip_bad=d.skip_bad, limit=self.cfg.eval.limit if val else d.limit, question_mix=d.synthetic_mix,
+            list_objects=d.synthetic_list_objects,
         )
 
     # ----------------------------------------------------------------------------------------------

@@ -16,11 +16,13 @@ FORMATS = ("auto", "jsonl", "r1v", "superclevr", "hf")
 def load_source(spec: str, *, task: str, cache_dir: str | Path, fmt: str = "auto", image_root: str | None = None,
                 n: int = 2000, seed: int = 0, condition: str = "A", max_objects: int = 6,
                 arithmetic_steps: tuple[int, int] = (2, 4), skip_bad: bool = False,
-                limit: int | None = None) -> list[Sample]:
+                limit: int | None = None, question_mix: str = "counting",
+                list_objects: bool = True) -> list[Sample]:
     """Samples for ``spec``; synthetic sets are generated once into ``cache_dir`` and reused (same seed,
-    same files)."""
+    same files). ``question_mix`` / ``list_objects``: the CLEVR questions and the style of their gold steps."""
     if spec.startswith("synthetic:"):
-        return _synthetic(spec, Path(cache_dir), n, seed, condition, max_objects, arithmetic_steps)[:limit]
+        return _synthetic(spec, Path(cache_dir), n, seed, condition, max_objects, arithmetic_steps, question_mix,
+                          list_objects)[:limit]
     if spec.lower() in list_benchmarks() and not Path(spec).exists():
         return list(load_benchmark(spec, limit=limit))
     path = Path(spec)
@@ -59,16 +61,18 @@ def _looks_r1v(path: Path) -> bool:
 
 
 def _synthetic(spec: str, cache: Path, n: int, seed: int, condition: str, max_objects: int,
-               steps: tuple[int, int]) -> list[Sample]:
+               steps: tuple[int, int], mix: str, list_objects: bool) -> list[Sample]:
     from vlm_mig.data.synthetic import make_arithmetic, write_clevr
 
     if spec == "synthetic:arithmetic":
         return make_arithmetic(n, seed=seed, num_steps=tuple(steps))
     if spec != "synthetic:clevr":
         raise DataError(f"unknown synthetic set {spec!r}; expected one of {SYNTHETIC}")
-    folder = cache / f"clevr-{condition}-n{n}-seed{seed}-max{max_objects}"
+    style = ("" if mix == "counting" else f"-{mix}") + ("" if list_objects else "-counts")
+    folder = cache / f"clevr-{condition}-n{n}-seed{seed}-max{max_objects}{style}"
     if not (folder / "data.jsonl").is_file():
         tmp = folder.with_name(folder.name + ".tmp")
-        write_clevr(tmp, n=n, condition=condition, seed=seed, num_objects=(1, max_objects))
+        write_clevr(tmp, n=n, condition=condition, seed=seed, num_objects=(1, max_objects), question_mix=mix,
+                    list_objects=list_objects)
         tmp.replace(folder)
     return list(load_jsonl(folder / "data.jsonl", "count"))
