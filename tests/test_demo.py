@@ -231,7 +231,7 @@ def test_paired_difference_by_hand():
 
 
 def test_credit_over_training_pools_steps_as_counts():
-    from vlm_mig.demo.measure import credit_over_training
+    from vlm_mig.demo.measure import combine_credit, credit_over_training
 
     rows = [{"step": 1, "credit/mixed_groups": 1.0, "credit/correct_higher": 1.0, "credit/correct_lower": 0.0,
              "credit/corr_groups": 1.0, "credit/corr": 0.5},
@@ -244,6 +244,10 @@ def test_credit_over_training_pools_steps_as_counts():
     assert c["correct_higher"] == pytest.approx(0.25) and c["correct_lower"] == pytest.approx(0.5)
     assert c["corr"] == pytest.approx((0.5 - 1.5) / 4)
     assert credit_over_training([{"step": 1, "reward/accuracy": 0.5}]) is None  # a GRPO run logs no credit
+    # runs (seeds) pool the same way: step 1 alone as a second run adds 1 group, all right-higher
+    both = combine_credit([c, credit_over_training(rows[:1]), None])
+    assert both["mixed_groups"] == 5 and both["correct_higher"] == pytest.approx(2 / 5)
+    assert both["corr"] == pytest.approx((0.5 - 1.5 + 0.5) / 5)
 
 
 def test_blank_twin_keeps_rows_and_greys_every_image(tmp_path):

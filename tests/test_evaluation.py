@@ -157,6 +157,14 @@ def test_shipped_suites_parse():
     sc = load_suite("superclevr")
     assert sc.benchmarks[0].source == "superclevr" and sc.benchmarks[0].data is None
     assert load_suite("clevr").benchmarks[0].source == "clevr_cogen_a"
+    multi = load_suite("clevr_multistep").benchmarks
+    assert [(b.source, b.question_mix, b.list_objects) for b in multi] == [
+        ("clevr_cogen_a", "multistep", False), ("clevr_cogen_b", "multistep", False)]
+    # the demo's OOD shift: condition B with 5-8 objects
+    from vlm_mig.demo.plan import OOD_OBJECTS, QUESTION_MIX, TRAIN_OBJECTS
+
+    assert (multi[0].num_objects, multi[1].num_objects) == (TRAIN_OBJECTS, OOD_OBJECTS)
+    assert multi[0].question_mix == QUESTION_MIX
 
 
 def test_suite_errors_name_the_entry(tmp_path):
@@ -183,6 +191,28 @@ def test_synthetic_sets_are_deterministic_and_prefix_stable(tmp_path):
     assert all(s.meta["condition"] == "B" for s in more)
     arith = load_eval_samples(BenchmarkSpec(name="arithmetic", n=20))
     assert all(5 <= s.meta["num_steps"] <= 7 for s in arith)
+
+
+def test_clevr_benchmarks_take_the_training_question_mix(tmp_path):
+    """The CoGenT sets can be drawn with the multi-step questions (and count-only steps) a model trained on
+    ``data.synthetic_mix: multistep`` answers; each setting is its own cached set and part of the resume key."""
+    from vlm_mig.data.clevr import QUESTION_TYPES, check_claims
+
+    spec = spec_from_mapping({"name": "clevr_cogen_b", "n": 12, "num_objects": [5, 8], "question_mix": "multistep",
+                              "list_objects": False}, "test")
+    items = load_eval_samples(spec, cache_dir=tmp_path)
+    plain = load_eval_samples(BenchmarkSpec(name="clevr_cogen_b", n=12), cache_dir=tmp_path)
+    assert len({s.meta["question_type"] for s in items}) >= 4 and set(QUESTION_TYPES) >= {
+        s.meta["question_type"] for s in items}
+    assert {s.meta["question_type"] for s in plain} != {s.meta["question_type"] for s in items}
+    assert all(5 <= s.meta["num_objects"] <= 8 and s.meta["condition"] == "B" for s in items)
+    for s in items:  # gold steps state counts (no listing) that agree with the scene JSON
+        objects = json.loads((Path(s.images[0]).parent.parent / s.meta["scene"]).read_text())["objects"]
+        stated, right = check_claims("\n".join(s.gold_steps), objects)
+        assert stated == right > 0 and " and a " not in " ".join(s.gold_steps)
+    assert spec.describe()["question_mix"] == "multistep" and spec.describe()["list_objects"] is False
+    with pytest.raises(DataError, match="question_mix 'nope'"):
+        BenchmarkSpec(name="clevr_cogen_a", question_mix="nope")
 
 
 def test_superclevr_both_layouts_and_missing_image(tmp_path):

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_mig.data.benchmarks import BENCHMARKS, get_benchmark, load_benchmark
+from vlm_mig.data.clevr import QUESTION_MIXES
 from vlm_mig.data.loaders import load_jsonl, load_r1v_jsonl, load_superclevr, read_jsonl_samples
 from vlm_mig.data.schema import TASK_TYPES, DataError, Sample
 
@@ -63,6 +64,8 @@ class BenchmarkSpec:
     num_steps: tuple[int, int] = LONG_ARITHMETIC_STEPS  #: arithmetic: operations per problem (lo, hi)
     num_objects: tuple[int, int] = (1, 6)  #: CLEVR: objects per scene (as the training default)
     image_size: int = 112  #: CLEVR: image side in pixels (as the training default)
+    question_mix: str = "counting"  #: CLEVR: question types (as ``data.synthetic_mix``: counting | multistep)
+    list_objects: bool = True  #: CLEVR: gold steps list the objects they count (as ``data.synthetic_list_objects``)
 
     def __post_init__(self) -> None:
         self.source = self.source or self.name
@@ -76,6 +79,9 @@ class BenchmarkSpec:
         self.num_objects = _pair(self.num_objects, f"benchmark {self.name!r}: num_objects")
         if self.n is not None and self.n < 1:
             raise DataError(f"benchmark {self.name!r}: n must be >= 1, got {self.n}")
+        if self.question_mix not in QUESTION_MIXES:
+            raise DataError(f"benchmark {self.name!r}: unknown question_mix {self.question_mix!r}; expected one of "
+                            f"{', '.join(QUESTION_MIXES)}")
 
     @property
     def entry(self) -> EvalSource:
@@ -199,14 +205,16 @@ def _single_jsonl(spec: BenchmarkSpec, folder: Path) -> Path:
 def _load_clevr(condition: str) -> Callable[[BenchmarkSpec, int | None, Path | None], list[Sample]]:
     def load(spec: BenchmarkSpec, limit: int | None, cache_dir: Path | None) -> list[Sample]:
         n = _item_count(spec, limit, DEFAULT_SYNTHETIC_N)
-        folder = clevr_cache(cache_dir, condition, spec.seed, n, spec.image_size, spec.num_objects)
+        folder = clevr_cache(cache_dir, condition, spec.seed, n, spec.image_size, spec.num_objects,
+                             spec.question_mix, spec.list_objects)
         return load_jsonl(folder / "data.jsonl", task="count")
 
     return load
 
 
 def clevr_cache(
-    cache_dir: Path | None, condition: str, seed: int, n: int, image_size: int, num_objects: tuple[int, int]
+    cache_dir: Path | None, condition: str, seed: int, n: int, image_size: int, num_objects: tuple[int, int],
+    question_mix: str = "counting", list_objects: bool = True,
 ) -> Path:
     """A folder holding ``write_clevr(n, condition, seed, ...)``, drawn once and reused.
 
@@ -218,13 +226,15 @@ def clevr_cache(
 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     lo, hi = num_objects
-    folder = root / f"clevr_{condition}_seed{seed}_n{n}_{image_size}px_{lo}-{hi}obj"
+    style = ("" if question_mix == "counting" else f"_{question_mix}") + ("" if list_objects else "_counts")
+    folder = root / f"clevr_{condition}_seed{seed}_n{n}_{image_size}px_{lo}-{hi}obj{style}"
     if (folder / "data.jsonl").is_file():
         return folder
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=root))
     try:
-        write_clevr(tmp, n=n, condition=condition, seed=seed, image_size=image_size, num_objects=num_objects)
+        write_clevr(tmp, n=n, condition=condition, seed=seed, image_size=image_size, num_objects=num_objects,
+                    question_mix=question_mix, list_objects=list_objects)
         if folder.exists():  # a stale folder without data.jsonl: an earlier copy that did not finish
             shutil.rmtree(folder)
         tmp.rename(folder)
@@ -311,7 +321,7 @@ SOURCES: dict[str, EvalSource] = {
         "count",
         True,
         _load_clevr("A"),
-        options=("n", "seed", "num_objects", "image_size"),
+        options=("n", "seed", "num_objects", "image_size", "question_mix", "list_objects"),
     ),
     "clevr_cogen_b": EvalSource(
         "clevr_cogen_b",
@@ -319,7 +329,7 @@ SOURCES: dict[str, EvalSource] = {
         "count",
         True,
         _load_clevr("B"),
-        options=("n", "seed", "num_objects", "image_size"),
+        options=("n", "seed", "num_objects", "image_size", "question_mix", "list_objects"),
     ),
     "arithmetic": EvalSource(
         "arithmetic",

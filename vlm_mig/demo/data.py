@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_mig.data.schema import Sample
+from vlm_mig.demo.measure import accuracy_by
 
 BLANK_IMAGE = "blank.png"
 BLANK_GREY = (128, 128, 128)
@@ -114,6 +115,9 @@ def blind_baseline(train: list[Sample], sets: dict[str, list[Sample]]) -> dict[s
     guess = {t: c.most_common(1)[0][0] for t, c in by_type.items()}
     out: dict[str, Any] = {"answer_by_question_type": guess}
     for name, samples in sets.items():
-        hits = [guess.get(s.meta.get("question_type", "?")) == s.answer for s in samples]
-        out[name] = {"accuracy": sum(hits) / len(hits) if hits else None}
+        types = [s.meta.get("question_type", "?") for s in samples]
+        hits = [guess.get(t) == s.answer for t, s in zip(types, samples)]
+        out[name] = {"accuracy": sum(hits) / len(hits) if hits else None,
+                     "accuracy_by_question_type": accuracy_by(hits, types),
+                     "accuracy_by_objects": accuracy_by(hits, [s.meta.get("num_objects", "?") for s in samples])}
     return out

@@ -37,25 +37,22 @@ def evaluate_sets(model, processor, template, label: str, sets: dict[str, list[S
         with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for r in res.records:
                 f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
-        by_objects: dict[str, list[bool]] = collections.defaultdict(list)
-        by_type: dict[str, list[bool]] = collections.defaultdict(list)
         stated = right = all_right = 0
         for s, r in zip(samples, res.records):
-            by_objects[str(s.meta.get("num_objects", "?"))].append(r.correct)
-            by_type[str(s.meta.get("question_type", "?"))].append(r.correct)
             n, ok = check_claims(r.completion, objects[name][s.id])
             stated, right, all_right = stated + n, right + ok, all_right + (n > 0 and ok == n)
         answers = collections.Counter(str(r.extracted) for r in res.records)
+        hits = [bool(r.correct) for r in res.records]
         n = max(1, res.n)
         result[name] = {
             "n": res.n, "accuracy": res.accuracy, "format_rate": res.format_rate, "mean_length": res.mean_length,
-            "correct": [bool(r.correct) for r in res.records],
+            "correct": hits,
             "distinct_answers": len(answers), "answer_counts": dict(answers.most_common()),
             "distinct_completions": len({r.completion for r in res.records}),
             "counts_match_scene": all_right / n, "stated_counts_right": right / stated if stated else None,
             "stated_counts_per_completion": stated / n,
-            "accuracy_by_objects": {k: sum(v) / len(v) for k, v in sorted(by_objects.items(), key=lambda x: x[0])},
-            "accuracy_by_question_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
+            "accuracy_by_objects": accuracy_by(hits, [s.meta.get("num_objects", "?") for s in samples]),
+            "accuracy_by_question_type": accuracy_by(hits, [s.meta.get("question_type", "?") for s in samples]),
             "_records": res.records,
         }
     return result
@@ -88,26 +85,43 @@ def credit_examples(model, processor, template, samples: list[Sample], completio
 # Pure summaries
 
 
-def credit_over_training(metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The ``credit/*`` metrics of a MIG run, pooled over its training steps as counts (each step's share
-    weighted by its number of groups): over the sampled groups with mixed outcomes, the share where the right
-    rollouts earn more R_proc than the wrong ones (and less), and the mean within-group correlation of A_proc
-    with A_out. None when the run logged none (GRPO never computes R_proc)."""
-    rows = [m for m in metrics if m.get("credit/mixed_groups") is not None]
-    if not rows:
+def accuracy_by(hits: list[bool], keys: list[Any]) -> dict[str, float]:
+    """The share of ``hits`` per key (keys as strings, sorted as strings), e.g. by question type."""
+    groups: dict[str, list[bool]] = collections.defaultdict(list)
+    for hit, key in zip(hits, keys, strict=True):
+        groups[str(key)].append(hit)
+    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+
+
+def combine_credit(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Pool within-group credit statistics (``mixed_groups``, ``correct_higher``, ``correct_lower``,
+    ``corr_groups``, ``corr``) as counts: each share weighted by the number of groups it was taken over. None
+    when there is nothing to pool."""
+    parts = [p for p in parts if p and p.get("mixed_groups") is not None]
+    if not parts:
         return None
-    mixed = sum(m["credit/mixed_groups"] for m in rows)
-    corr_n = sum(m["credit/corr_groups"] for m in rows if m.get("credit/corr") is not None)
+    mixed = sum(p["mixed_groups"] for p in parts)
+    corr_n = sum(p["corr_groups"] for p in parts if p.get("corr") is not None)
 
     def pooled(key: str, weight: str, total: float) -> float | None:
         if not total:
             return None
-        return sum(m[key] * m[weight] for m in rows if m.get(key) is not None) / total
+        return sum(p[key] * p[weight] for p in parts if p.get(key) is not None) / total
 
-    return {"steps": len(rows), "mixed_groups": int(mixed),
-            "correct_higher": pooled("credit/correct_higher", "credit/mixed_groups", mixed),
-            "correct_lower": pooled("credit/correct_lower", "credit/mixed_groups", mixed),
-            "corr_groups": int(corr_n), "corr": pooled("credit/corr", "credit/corr_groups", corr_n)}
+    return {"mixed_groups": int(mixed), "correct_higher": pooled("correct_higher", "mixed_groups", mixed),
+            "correct_lower": pooled("correct_lower", "mixed_groups", mixed), "corr_groups": int(corr_n),
+            "corr": pooled("corr", "corr_groups", corr_n)}
+
+
+def credit_over_training(metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The ``credit/*`` metrics of a MIG run, pooled over its training steps (``combine_credit``): over the
+    sampled groups with mixed outcomes, the share where the right rollouts earn more R_proc than the wrong ones
+    (and less), and the mean within-group correlation of A_proc with A_out. None when the run logged none (GRPO
+    never computes R_proc)."""
+    steps = [{k.removeprefix("credit/"): v for k, v in m.items() if k.startswith("credit/")} for m in metrics]
+    steps = [c for c in steps if c.get("mixed_groups") is not None]
+    pooled = combine_credit(steps)
+    return None if pooled is None else {"steps": len(steps), **pooled}
 
 
 def paired_difference(a: list[list[bool]], b: list[list[bool]], n_boot: int, seed: int = 0) -> dict[str, Any]:

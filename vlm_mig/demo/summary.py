@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_mig import report as rep
+from vlm_mig.demo.measure import combine_credit
 from vlm_mig.demo.plan import METHODS, OOD_OBJECTS, QUESTION_MIX, TRAIN_OBJECTS, DemoPlan
 
 SETS = ("id", "ood")
@@ -71,15 +72,8 @@ def credit_text(full: dict[str, Any]) -> list[str]:
     credits = [c for c in full["credit"]["mig"] if c]
     if not credits:
         return []
-    mixed = sum(c["mixed_groups"] for c in credits)
-    corr_n = sum(c["corr_groups"] for c in credits)
-
-    def pooled(key: str, weight: str, total: int) -> float | None:
-        vals = [(c[key], c[weight]) for c in credits if c.get(key) is not None]
-        return sum(v * w for v, w in vals) / total if total and vals else None
-
-    higher, lower = pooled("correct_higher", "mixed_groups", mixed), pooled("correct_lower", "mixed_groups", mixed)
-    corr = pooled("corr", "corr_groups", corr_n)
+    total = combine_credit(credits)
+    mixed, higher, lower, corr = (total[k] for k in ("mixed_groups", "correct_higher", "correct_lower", "corr"))
     rows = [[f"seed {i}", c["mixed_groups"], _pct(c["correct_higher"]), _pct(c["correct_lower"]),
              "–" if c["corr"] is None else f"{c['corr']:+.2f}"] for i, c in enumerate(credits)]
     rows.append(["all", mixed, _pct(higher), _pct(lower), "–" if corr is None else f"{corr:+.2f}"])
@@ -122,6 +116,9 @@ def _by_table(full: dict[str, Any], split: str, key: str, header: str, order=Non
     buckets = sorted({k for m in models for r in _runs(res, m) for k in r[split][key]}, key=order)
     rows = [[m.upper() if m in METHODS else m, *[rep.fmt_pct([r[split][key].get(b) for r in _runs(res, m)])
                                                   for b in buckets]] for m in models]
+    blind = full["blind_baseline"][split].get(key)
+    if blind:  # the control beside the result
+        rows.append(["blind prior", *[rep.fmt_pct([blind.get(b)]) for b in buckets]])
     return rep.markdown_table([header, *buckets], rows)
 
 
