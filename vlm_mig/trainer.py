@@ -170,6 +170,7 @@ class Trainer:
                 min_pixels=cfg.rollout.min_pixels, max_pixels=cfg.rollout.max_pixels)
         self.step_cfg = StepConfig.of(cfg.mig, atomic_pairs=self.adapter.atomic_pairs)
         self.reward_specs = self._reward_specs()
+        self._order: tuple[tuple[int, int], list[int]] | None = None  # (epoch, n) -> its permutation
         with self.acc.main_process_first():  # synthetic sets are generated once, by the main process
             self.train_data = self._load_data(cfg.data.train, "train")
             self.val_data = (self._load_data(cfg.data.validation, "validation")
@@ -283,11 +284,17 @@ class Trainer:
         out, seeds = [], []
         for g in range(start, start + per_process):
             epoch, pos = divmod(g, n)
-            order = list(range(n))
-            random.Random(self.cfg.trainer.seed * 1_000_003 + epoch).shuffle(order)
-            out.append(self.train_data[order[pos]])
+            out.append(self.train_data[self._epoch_order(epoch, n)[pos]])
             seeds.append(rollout_seed(self.cfg.trainer.seed, step, g))
         return out, seeds
+
+    def _epoch_order(self, epoch: int, n: int) -> list[int]:
+        """The seeded permutation of epoch ``epoch``, shuffled once (a 70k-row set costs ~50 ms a shuffle)."""
+        if self._order is None or self._order[0] != (epoch, n):
+            order = list(range(n))
+            random.Random(self.cfg.trainer.seed * 1_000_003 + epoch).shuffle(order)
+            self._order = ((epoch, n), order)
+        return self._order[1]
 
     # ----------------------------------------------------------------------------------------------
     # The loop
