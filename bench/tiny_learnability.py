@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -42,9 +41,10 @@ def main() -> None:
     timer, per_job, viewer = _Timer(), {}, {}
     results: dict = {}
     t0 = time.perf_counter()
-    parallel = (os.cpu_count() or 1) >= 2
+    machine_at_start = machine()
+    parallel = (machine_at_start["cores"] or 1) >= 2  # as the demo decides
     model_path, warmup, paths = model_and_data(plan, out / "data", parallel, timer)
-    blind = dd.blind_baseline(dd.load(paths["train"]), {"id": dd.load(paths["id"]), "ood": dd.load(paths["ood"])})
+    blind = dd.blind_baseline_of(paths)
     sft_phase(plan, paths, out, threads=1, report_to=[], parallel=parallel, results=results, viewer=viewer,
               timer=timer, per_job=per_job, validate_every=args.eval_every)
     total = time.perf_counter() - t0
@@ -68,7 +68,7 @@ def main() -> None:
           f"blank-image control ({plan.sft_steps} steps of {plan.sft_batch}; {rep.fmt_seconds(total)} in all)")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "plan": dataclasses.asdict(plan), "machine": machine(), "model": str(model_path), "warmup": warmup,
+            "plan": dataclasses.asdict(plan), "machine": machine_at_start, "model": str(model_path), "warmup": warmup,
             "results": results, "blind_baseline": blind, "validation_curves": curves,
             "margin_over_blind_prior": margin, "margin_over_blank_control": control,
             "wall_time_s": {**{k: round(v, 1) for k, v in timer.phases.items()}, "total": round(total, 1)},

@@ -106,6 +106,11 @@ def scene_objects(data_jsonl: Path, samples: list[Sample]) -> dict[str, list[dic
     return {s.id: json.loads((folder / s.meta["scene"]).read_text())["objects"] for s in samples}
 
 
+def blind_baseline_of(paths: dict[str, Path]) -> dict[str, Any]:
+    """``blind_baseline`` of the demo's sets (``make_data``'s ``train``, ``id`` and ``ood`` files)."""
+    return blind_baseline(load(paths["train"]), {"id": load(paths["id"]), "ood": load(paths["ood"])})
+
+
 def blind_baseline(train: list[Sample], sets: dict[str, list[Sample]]) -> dict[str, Any]:
     """Accuracy of answering without the image: the most common training answer for each question type.
     A model at this level answers from the question type alone."""

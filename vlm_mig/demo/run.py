@@ -115,7 +115,7 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, seeds: int = 1, 
            + (", side by side" if parallel else ""))
     model_path, warmup, paths = model_and_data(plan, out / "data", parallel, timer)
     train_path, id_path, ood_path = paths["train"], paths["id"], paths["ood"]
-    blind = dd.blind_baseline(dd.load(train_path), {"id": dd.load(id_path), "ood": dd.load(ood_path)})
+    blind = dd.blind_baseline_of(paths)
 
     dd.say(f"== [{next(phase)}/{n_phases}] SFT on gold solutions, and the same SFT on blank images ({side})")
     results: dict[str, Any] = {"grpo": [], "mig": []}
