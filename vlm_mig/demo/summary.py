@@ -13,7 +13,7 @@ SETS = ("id", "ood")
 
 
 def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.1f}%"
+    return rep.fmt_pct([v])
 
 
 def _points(v: float) -> str:
