@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from vlm_mig.checkpoint import latest_checkpoint
-from vlm_mig.config import load_config
+from vlm_mig.config import ConfigError, load_config
 from vlm_mig.models import load_model
 from vlm_mig.trainer import Trainer
 
@@ -103,6 +103,30 @@ def test_resume_after_clean_stop_is_exact(tiny_vl_dir, tmp_path):
     _assert_same(_weights(straight / "checkpoint-4"), _weights(split / "checkpoint-4"))
     steps = [json.loads(x)["step"] for x in (split / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_sft_prompt_cache_equals_encoding_every_step_and_resumes_exactly(tiny_vl_dir, tmp_path):
+    def run(name, steps, cache, resume=False, **extra):
+        over = _rl_overrides(tiny_vl_dir, tmp_path / name, steps, **{
+            "trainer.sft_batch_size": 8, "trainer.micro_batch_size": 4, "trainer.save_steps": 2,
+            "model.freeze_vision": "true", "trainer.cache_prompts": str(cache).lower(), **extra})
+        trainer = Trainer(load_config(None, over), mode="sft", resume=resume)
+        trainer.train()
+        return trainer
+
+    plain, cached = run("plain", 4, False), run("cached", 4, True)  # 16 scenes, batch 8: the 2nd epoch reuses
+    assert plain._prompt_cache is None and len(cached._prompt_cache) == 16
+    losses = {n: [json.loads(x)["loss"] for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+              for n in ("plain", "cached")}
+    assert losses["plain"] == pytest.approx(losses["cached"], abs=1e-5)
+    _assert_same(_weights(tmp_path / "plain" / "checkpoint-4"), _weights(tmp_path / "cached" / "checkpoint-4"),
+                 atol=1e-5)
+    # A resumed run starts with an empty cache and fills it with the same values: bit-exact.
+    run("split", 2, True)
+    run("split", 4, True, resume=True)
+    _assert_same(_weights(tmp_path / "cached" / "checkpoint-4"), _weights(tmp_path / "split" / "checkpoint-4"))
+    with pytest.raises(ConfigError, match="trainer.cache_prompts needs a frozen vision tower"):
+        run("unfrozen", 1, True, **{"model.freeze_vision": "false"})
 
 
 def _cli(*args) -> list[str]:

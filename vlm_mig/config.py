@@ -124,6 +124,9 @@ class TrainerConfig:
     micro_batch_size: int = bounded(8, ge=1)  #: rollouts per forward/backward in the update (gradient accumulation)
     num_iterations: int = bounded(1, ge=1)  #: optimisation passes over each rollout batch (SPEC default 1)
     sft_batch_size: int = bounded(16, ge=1)  #: examples per step for ``vlm-mig sft``
+    #: ``vlm-mig sft`` with a frozen vision tower: encode each prompt and its image features once and reuse them
+    #: (memory: image tokens x hidden size x 4 bytes per training prompt, held in CPU RAM)
+    cache_prompts: bool = False
     save_steps: int = bounded(50, ge=1)  #: checkpoint every N steps (and at the end)
     save_total_limit: int | None = bounded(3, ge=1)  #: keep only the newest N checkpoints
     eval_steps: int = bounded(25, ge=0)  #: in-loop validation every N steps (0 disables)

@@ -321,7 +321,7 @@ def build_tiny(out_dir: str | os.PathLike, arch: str = "qwen2-vl", seed: int = 0
 
 
 #: Version of what ``build_tiny`` writes; bumped whenever its output changes, so cached models are rebuilt.
-TINY_FORMAT = 2
+TINY_FORMAT = 3
 
 
 def cache_root() -> Path:

@@ -32,7 +32,7 @@ from vlm_mig.data.schema import DataError, Sample
 from vlm_mig.data.sources import load_source
 from vlm_mig.mig import EMPTY, ScoreRow, encode_probe, packed_forward, pad_rows, prompt_rows
 from vlm_mig.models import load_model, load_processor, tiny_model_dir
-from vlm_mig.processing import PromptTemplate, encode_prompts, tokenizer_of
+from vlm_mig.processing import PromptBatch, PromptTemplate, encode_prompts, tokenizer_of
 from vlm_mig.prompts import SYSTEM_PROMPT, format_solution
 from vlm_mig.rewards import RewardSpec
 from vlm_mig.rl import stages
@@ -73,7 +73,8 @@ class PolicyForward(nn.Module):
         self.model = model
 
     def forward(self, prompts, rows: list[dict[str, Any]]) -> list[torch.Tensor]:
-        pieces = prompt_rows(self.model, prompts)
+        # ``prompts``: a PromptBatch, or its pieces already computed (``Trainer.sft_prompts``)
+        pieces = prompts if isinstance(prompts, list) else prompt_rows(self.model, prompts)
         score = [ScoreRow(completion_ids=r["completion_ids"], cuts=[], variants=[], **pieces[r["prompt"]])
                  for r in rows]
         return [s.completion_logprobs for s in packed_forward(self.model, score, EMPTY)]
@@ -171,6 +172,7 @@ class Trainer:
         self.step_cfg = StepConfig.of(cfg.mig, atomic_pairs=self.adapter.atomic_pairs)
         self.reward_specs = self._reward_specs()
         self._order: tuple[tuple[int, int], list[int]] | None = None  # (epoch, n) -> its permutation
+        self._prompt_cache = self._new_prompt_cache()  # sample id -> prompt pieces (trainer.cache_prompts)
         with self.acc.main_process_first():  # synthetic sets are generated once, by the main process
             self.train_data = self._load_data(cfg.data.train, "train")
             self.val_data = (self._load_data(cfg.data.validation, "validation")
@@ -220,6 +222,19 @@ class Trainer:
                                                          lora_dropout=m.lora_dropout,
                                                          target_modules=m.lora_target_modules))
         return model.to(self.acc.device)
+
+    def _new_prompt_cache(self) -> dict[str, dict[str, Any]] | None:
+        if not self.cfg.trainer.cache_prompts:
+            return None
+        if self.mode != "sft":
+            logger.warning("trainer.cache_prompts applies to vlm-mig sft only; this %s run encodes its prompts "
+                           "every step", self.mode)
+            return None
+        tower = self.adapter.vision_tower(self.model)
+        if tower is not None and any(p.requires_grad for p in tower.parameters()):
+            raise ConfigError("trainer.cache_prompts needs a frozen vision tower (model.freeze_vision: true, no "
+                              "LoRA on it): cached image features would go stale as the tower trains")
+        return {}
 
     def _configure_deepspeed(self) -> None:
         """No dataloader goes through ``prepare``, so DeepSpeed's batch sizes are set here. The micro-batches of
@@ -355,8 +370,7 @@ class Trainer:
         samples, _ = self.batch_for(self.step, cfg.trainer.sft_batch_size)
         self._record_prompts(samples)
         t0 = time.perf_counter()
-        prompts = encode_prompts(self.processor, samples, self.template, cfg.rollout.max_prompt_length,
-                                 cfg.rollout.min_pixels, cfg.rollout.max_pixels)
+        prompts = self.sft_prompts(samples)
         eos = self.tok.eos_token or ""
         comps = [torch.tensor(self.tok.encode(format_solution(s.gold_steps, s.answer) + eos, add_special_tokens=False))
                  for s in samples]
@@ -366,7 +380,8 @@ class Trainer:
         chunks = list(range(0, len(samples), cfg.trainer.micro_batch_size))
         for c_i, start in enumerate(chunks):
             idx = list(range(start, min(len(samples), start + cfg.trainer.micro_batch_size)))
-            sub = select_prompts(prompts, idx).to(dev)
+            sub = ([{k: v.to(dev) if torch.is_tensor(v) else v for k, v in prompts[i].items()} for i in idx]
+                   if isinstance(prompts, list) else select_prompts(prompts, idx).to(dev))
             rows = [{"prompt": j, "completion_ids": comps[i].to(dev)} for j, i in enumerate(idx)]
             logps = self.policy(sub, rows)
             # Token-level mean over the whole global batch (micro-batches and processes add up exactly).
@@ -382,6 +397,26 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------
     # Pieces of a step
+
+    def sft_prompts(self, samples: list[Sample]) -> PromptBatch | list[dict[str, Any]]:
+        """The SFT pass's prompts: one ``PromptBatch``, or with ``trainer.cache_prompts`` each sample's pieces
+        (ids, position ids, image features) from the cache. A sample is encoded and its image features computed
+        on its own, the first time it is drawn, so a cached value never depends on the batch it came in (a
+        resumed run fills the cache again with the same values)."""
+        r = self.cfg.rollout
+
+        def encode(batch: list[Sample]) -> PromptBatch:
+            return encode_prompts(self.processor, batch, self.template, r.max_prompt_length, r.min_pixels,
+                                  r.max_pixels)
+
+        if self._prompt_cache is None:
+            return encode(samples)
+        for s in samples:
+            if s.id not in self._prompt_cache:
+                with torch.no_grad():
+                    (piece,) = prompt_rows(self.model, encode([s]))
+                self._prompt_cache[s.id] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in piece.items()}
+        return [self._prompt_cache[s.id] for s in samples]
 
     def _record_prompts(self, samples: list[Sample]) -> None:
         """Which prompts this process trained on at this step (``prompts_rank{r}.jsonl``)."""

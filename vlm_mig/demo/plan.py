@@ -88,7 +88,8 @@ def sft_recipe(plan: DemoPlan, train: Path, out_dir: Path, threads: int | None, 
         "model": {"name_or_path": "tiny", "tiny_arch": "qwen2-vl", "tiny_warmup_steps": plan.warmup_steps},
         "data": {"validation": None},
         "optim": {"lr": plan.sft_lr, "schedule": "linear"},
-        "trainer": {"output_dir": str(out_dir), "seed": 0, "max_steps": plan.sft_steps,
+        # The vision tower is frozen, so each prompt's image features are computed once (``cache_prompts``).
+        "trainer": {"output_dir": str(out_dir), "seed": 0, "max_steps": plan.sft_steps, "cache_prompts": True,
                     "sft_batch_size": plan.sft_batch, "micro_batch_size": plan.sft_batch,
                     "save_steps": plan.sft_steps, "eval_steps": 0, "log_steps": 10, "progress_desc": label},
     })
