@@ -400,9 +400,10 @@ class Trainer:
 
     def sft_prompts(self, samples: list[Sample]) -> PromptBatch | list[dict[str, Any]]:
         """The SFT pass's prompts: one ``PromptBatch``, or with ``trainer.cache_prompts`` each sample's pieces
-        (ids, position ids, image features) from the cache. A sample is encoded and its image features computed
-        on its own, the first time it is drawn, so a cached value never depends on the batch it came in (a
-        resumed run fills the cache again with the same values)."""
+        (ids, position ids, image features) from the cache, computed for the batch that first draws the sample.
+        A resumed run computes them again, in other batches: on the CPU the vision tower gives the same bits in
+        any batch, so the resumed run is exact (tests/test_trainer.py); a GPU's batched kernels may differ in
+        the last bits. (One sample at a time would rule that out, at twice the first epoch's encoding cost.)"""
         r = self.cfg.rollout
 
         def encode(batch: list[Sample]) -> PromptBatch:
@@ -411,10 +412,11 @@ class Trainer:
 
         if self._prompt_cache is None:
             return encode(samples)
-        for s in samples:
-            if s.id not in self._prompt_cache:
-                with torch.no_grad():
-                    (piece,) = prompt_rows(self.model, encode([s]))
+        missing = list({s.id: s for s in samples if s.id not in self._prompt_cache}.values())
+        if missing:
+            with torch.no_grad():
+                pieces = prompt_rows(self.model, encode(missing))
+            for s, piece in zip(missing, pieces):
                 self._prompt_cache[s.id] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in piece.items()}
         return [self._prompt_cache[s.id] for s in samples]
 
