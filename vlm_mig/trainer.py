@@ -80,6 +80,13 @@ class PolicyForward(nn.Module):
         return [s.completion_logprobs for s in packed_forward(self.model, score, EMPTY)]
 
 
+def _select(prompts: PromptBatch | list[dict[str, Any]], rows: list[int], device: torch.device):
+    """Rows of ``Trainer.sft_prompts``'s result (a batch, or cached pieces), on ``device``."""
+    if isinstance(prompts, PromptBatch):
+        return select_prompts(prompts, rows).to(device)
+    return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in prompts[i].items()} for i in rows]
+
+
 def template_of(cfg: Config) -> PromptTemplate:
     system = SYSTEM_PROMPT if cfg.data.system_prompt == "default" else cfg.data.system_prompt
     return PromptTemplate(system_prompt=system, question_suffix=cfg.data.question_suffix)
@@ -380,8 +387,7 @@ class Trainer:
         chunks = list(range(0, len(samples), cfg.trainer.micro_batch_size))
         for c_i, start in enumerate(chunks):
             idx = list(range(start, min(len(samples), start + cfg.trainer.micro_batch_size)))
-            sub = ([{k: v.to(dev) if torch.is_tensor(v) else v for k, v in prompts[i].items()} for i in idx]
-                   if isinstance(prompts, list) else select_prompts(prompts, idx).to(dev))
+            sub = _select(prompts, idx, dev)
             rows = [{"prompt": j, "completion_ids": comps[i].to(dev)} for j, i in enumerate(idx)]
             logps = self.policy(sub, rows)
             # Token-level mean over the whole global batch (micro-batches and processes add up exactly).
