@@ -1,5 +1,8 @@
 """How much does the demo's SFT depend on one knob? The demo's SFT recipe with one thing changed, measured.
 
+The recipe is the SFT on the clean gold solutions (`vlm-mig demo --plan clean`; the default testbed trains the
+same recipe on an imperfect teacher's solutions and uses this one as its ceiling).
+
 Builds the tiny VLM with the given vision warm-up (the default one comes from the cache; others are built
 into ``--out/models``), draws the demo's data (``--train-scenes`` scenes instead of the demo's, if given),
 runs the demo's SFT recipe with the given overrides and evaluates it greedily on the demo's ID and OOD sets.
@@ -21,10 +24,9 @@ import json
 import time
 from pathlib import Path
 
-from vlm_mig.demo import DEFAULT, QUICK
 from vlm_mig.demo import data as dd
 from vlm_mig.demo.jobs import run_job
-from vlm_mig.demo.plan import sft_recipe, write_recipe
+from vlm_mig.demo.plan import CLEAN, quick_of, sft_recipe, write_recipe
 from vlm_mig.demo.run import _job, make_data
 from vlm_mig.warmup import WarmupConfig
 
@@ -46,18 +48,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", required=True, help="the run's folder under --out")
     ap.add_argument("--out", default="runs/sft_variants")
-    ap.add_argument("--warmup-steps", type=int, help=f"default: the demo's ({DEFAULT.warmup_steps})")
+    ap.add_argument("--warmup-steps", type=int, help=f"default: the demo's ({CLEAN.warmup_steps})")
     ap.add_argument("--whole-image-weight", type=float, default=WarmupConfig.whole_image_weight)
-    ap.add_argument("--train-scenes", type=int, help=f"default: the demo's ({DEFAULT.train_scenes})")
-    ap.add_argument("--sft-steps", type=int, help=f"default: the demo's ({DEFAULT.sft_steps})")
-    ap.add_argument("--sft-batch", type=int, help=f"default: the demo's ({DEFAULT.sft_batch})")
-    ap.add_argument("--sft-lr", type=float, help=f"default: the demo's ({DEFAULT.sft_lr})")
+    ap.add_argument("--train-scenes", type=int, help=f"default: the demo's ({CLEAN.train_scenes})")
+    ap.add_argument("--sft-steps", type=int, help=f"default: the demo's ({CLEAN.sft_steps})")
+    ap.add_argument("--sft-batch", type=int, help=f"default: the demo's ({CLEAN.sft_batch})")
+    ap.add_argument("--sft-lr", type=float, help=f"default: the demo's ({CLEAN.sft_lr})")
     ap.add_argument("--seed", type=int, default=0, help="the SFT seed (data order)")
     ap.add_argument("--quick", action="store_true", help="the demo's --quick sizes (a smoke test)")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args()
     out, t0 = Path(args.out), time.perf_counter()
-    plan = QUICK if args.quick else DEFAULT
+    plan = quick_of(CLEAN) if args.quick else CLEAN  # the SFT on gold solutions (`vlm-mig demo --plan clean`)
     changed = {"warmup_steps": args.warmup_steps, "train_scenes": args.train_scenes, "sft_steps": args.sft_steps,
                "sft_batch": args.sft_batch, "sft_lr": args.sft_lr}
     plan = dataclasses.replace(plan, **{k: v for k, v in changed.items() if v is not None})

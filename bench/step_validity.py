@@ -50,15 +50,17 @@ from vlm_mig.prompts import DEFAULT_L0_OPENER  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL_CODE = {"correct": 2, "redundant": 1, "wrong": 0}  # the true order of step value
-#: Step scores compared side by side: name -> (mig.l0_context, mig.answer_score, mig.watermark, mig.min_gain).
-#: The first is the SPEC default; each other changes one option.
+#: Step scores compared side by side: name -> (mig.l0_context, mig.answer_score, mig.watermark, mig.min_gain,
+#: mig.records). The first is the SPEC default; each other changes one option.
 OPTIONS = {
-    "MIG g_k": ("empty_think", "mean", True, 0.0),
-    "raw l_k - l_{k-1}": ("empty_think", "mean", False, 0.0),
-    "MIG, l_0 after the opener": ("opener", "mean", True, 0.0),
-    "MIG, answer sum": ("empty_think", "sum", True, 0.0),
-    "MIG, answer digits": ("empty_think", "digits", True, 0.0),
-    "MIG, min_gain 0.05": ("empty_think", "mean", True, 0.05),
+    "MIG g_k": ("empty_think", "mean", True, 0.0, "kept"),
+    "MIG, every record (records all)": ("empty_think", "mean", True, 0.0, "all"),
+    "raw l_k - l_{k-1}": ("empty_think", "mean", False, 0.0, "kept"),
+    "MIG, l_0 after the opener": ("opener", "mean", True, 0.0, "kept"),
+    "MIG, answer sum": ("empty_think", "sum", True, 0.0, "kept"),
+    "MIG, answer digits": ("empty_think", "digits", True, 0.0, "kept"),
+    "MIG, answer margin": ("empty_think", "margin", True, 0.0, "kept"),
+    "MIG, min_gain 0.05": ("empty_think", "mean", True, 0.05, "kept"),
 }
 LAST_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?=[^\d]*$)")
 
@@ -196,7 +198,8 @@ def option_scores(row: dict, option: tuple) -> np.ndarray:
 def option_gains(row: dict, option: tuple) -> np.ndarray:
     from vlm_mig.mig import step_gains
 
-    return step_gains(torch.tensor(option_scores(row, option)), use_watermark=option[2], min_gain=option[3]).numpy()
+    return step_gains(torch.tensor(option_scores(row, option)), use_watermark=option[2], min_gain=option[3],
+                      records=option[4]).numpy()
 
 
 def step_table(scored: list[dict], meta: list[dict], answers: list[str]) -> dict[str, np.ndarray]:

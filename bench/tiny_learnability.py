@@ -21,20 +21,20 @@ import time
 from pathlib import Path
 
 from vlm_mig import report as rep
-from vlm_mig.demo import DEFAULT, QUICK
 from vlm_mig.demo import data as dd
+from vlm_mig.demo.plan import CLEAN, quick_of
 from vlm_mig.demo.run import _Timer, machine, model_and_data, sft_phase
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/tiny_learnability")
-    ap.add_argument("--sft-steps", type=int, default=None, help=f"default: the demo's ({DEFAULT.sft_steps})")
+    ap.add_argument("--sft-steps", type=int, default=None, help=f"default: the demo's ({CLEAN.sft_steps})")
     ap.add_argument("--eval-every", type=int, default=200, help="validation on the ID set every N SFT steps")
     ap.add_argument("--quick", action="store_true", help="the demo's --quick sizes (a smoke test)")
     ap.add_argument("--json")
     args = ap.parse_args()
-    plan = QUICK if args.quick else DEFAULT
+    plan = quick_of(CLEAN) if args.quick else CLEAN  # the gold-solution SFT beside its blank-image control
     if args.sft_steps:
         plan = dataclasses.replace(plan, sft_steps=args.sft_steps)
     out = Path(args.out)

@@ -121,6 +121,37 @@ def test_noise_floor_zeroes_groups_whose_process_rewards_barely_differ():
     torch.testing.assert_close(st_adv[2:], step_normalize(gains, smask, 2)[2:])
 
 
+def test_the_default_noise_floor_zeroes_noise_sized_groups():
+    """A group whose R_proc spreads over 0.02 nats (as measured on real groups) must not get advantages of order
+    one under the defaults: mig.min_spread is on (0.1 nats), and a group with a real spread keeps its own."""
+    from vlm_mig.config import load_config
+
+    floor = load_config().mig.min_spread
+    noise = torch.tensor([1.30, 1.31, 1.30, 1.32, 1.30, 1.31, 1.30, 1.32])
+    assert group_normalize(noise, 8).abs().max() > 0.8  # without a floor: the issue's -0.84 ... +1.39
+    assert floor > 0 and group_normalize(noise, 8, min_spread=floor).tolist() == [0.0] * 8
+    real = torch.tensor([1.3, 2.9, 1.3, 0.2, 1.3, 1.3, 2.0, 1.3])
+    torch.testing.assert_close(group_normalize(real, 8, min_spread=floor), group_normalize(real, 8))
+
+
+def test_process_scale_matches_the_outcome_advantage_and_share_of_equal_outcome_groups():
+    from vlm_mig.advantages import equal_outcome_share, scale_sums, scale_to_match
+
+    tok_out = torch.tensor([[1.0, 1.0, 0.0], [-1.0, -1.0, 0.0]])
+    m_full = torch.tensor([[True, True, False], [True, True, False]])
+    tok_proc = torch.tensor([[3.0, 0.0, 0.0], [-3.0, 0.0, 0.0]])
+    m_cot = torch.tensor([[True, False, False], [True, False, False]])
+    out_sums, proc_sums = scale_sums(tok_out, m_full), scale_sums(tok_proc, m_cot)
+    assert out_sums == (4.0, 4.0) and proc_sums == (18.0, 2.0)
+    assert scale_to_match(out_sums, proc_sums) == pytest.approx(1 / 3)  # rms 1 against rms 3
+    assert scale_to_match((0.0, 4.0), proc_sums) == 1.0  # nothing to match
+    # Two groups of 2: group 0's outcomes are equal, group 1's differ; |A_proc| mass 3 + 3 against 1 + 1.
+    r_out = torch.tensor([2.0, 2.0, 1.0, 2.0])
+    tp = torch.tensor([[3.0], [-3.0], [1.0], [-1.0]])
+    assert equal_outcome_share(r_out, tp, 2) == pytest.approx(0.75)
+    assert torch.isnan(torch.tensor(equal_outcome_share(r_out, torch.zeros(4, 1), 2)))
+
+
 def test_undecoupled_ablation_puts_the_process_advantage_on_every_completion_token():
     r_out = torch.tensor([1.0, 0.0])
     r_proc = torch.tensor([0.3, 0.1])

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,3 +54,47 @@ def test_sft_variants_quick_builds_the_variant_and_runs_the_demo_recipe(tmp_path
     assert (ran["trainer"]["max_steps"], ran["trainer"]["seed"], ran["model"]["name_or_path"]) == (6, 1, str(model))
     assert 0 <= data["id"]["accuracy"] <= 1 and data["blind_prior"]["id"] is not None
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def _clevr_config(tmp_path: Path, tiny_vl_dir) -> tuple[Path, Path]:
+    """A small CLEVR-like set with scenes and an RL config on the tiny VLM (what the RL benches take)."""
+    from vlm_mig.data.clevr import write_clevr
+
+    write_clevr(tmp_path / "data", 8, seed=3, question_mix="multistep", list_objects=False)
+    cfg = tmp_path / "rl.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(tiny_vl_dir)}, "data": {"train": str(tmp_path / "data" / "data.jsonl"),
+                                                              "format": "jsonl", "validation": None},
+        "rollout": {"num_generations": 2, "max_new_tokens": 12}, "loss": {"kl_coef": 0.0},
+        "trainer": {"prompts_per_step": 2, "micro_batch_size": 4, "report_to": [], "progress": False},
+        "eval": {"batch_size": 8}}))
+    return cfg, tmp_path / "data" / "data.jsonl"
+
+
+def test_rl_headroom_reports_samples_errors_and_gradient_signal(tmp_path, tiny_vl_dir):
+    cfg, data = _clevr_config(tmp_path, tiny_vl_dir)
+    out = tmp_path / "headroom.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "rl_headroom.py"), "--config", str(cfg), "--test",
+                          str(data), "--samples", "2", "--limit", "4", "--json", str(out)],
+                         capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    h = data["headroom"]
+    assert h["n"] == 4 and h["samples"] == 2 and set(h["pass_at_k"]) == {"1", "2"}
+    assert sum(h["error_kinds"].values()) == pytest.approx(100 - h["greedy"], abs=0.1)
+    assert set(data["signal"]) == {"outcome", "process", "configured"} and data["signal"]["outcome"]["groups"] == 8
+    assert "| pass@2 (T = 1) |" in res.stdout and "cosine, two halves" in res.stdout
+
+
+def test_mig_credit_compares_the_process_reward_variants(tmp_path, tiny_vl_dir):
+    cfg, _ = _clevr_config(tmp_path, tiny_vl_dir)
+    out = tmp_path / "credit.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "mig_credit.py"), "--config", str(cfg), "--prompts",
+                          "4", "--batch", "2", "--json", str(out)],
+                         capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["rollouts"] == 8 and set(data["variants"]) == {"mean/all", "mean/kept", "margin/all", "margin/kept",
+                                                                "mean/raw"}
+    assert data["variants"]["mean/kept"]["noise"]["groups"] == 4
+    assert "| mean/kept |" in res.stdout

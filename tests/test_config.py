@@ -53,7 +53,8 @@ def test_defaults_equal_spec():
     assert (adv.eps, adv.scale, adv.process_credit) == (1e-4, "group", "trajectory")
     assert (mig.probe, mig.max_steps, mig.min_step_chars) == ("</think>\n<answer>", 16, 8)
     assert (mig.l0_context, mig.answer_score, mig.watermark) == ("empty_think", "mean", True)
-    assert (mig.min_gain, mig.min_spread, mig.l0_opener) == (0.0, 0.0, "\n")
+    assert (mig.min_gain, mig.min_spread, mig.l0_opener, mig.records) == (0.0, 0.1, "\n", "kept")
+    assert adv.process_scale == "none"
     assert adv.process_mask == "cot" and loss.sft_gates == "both"
     assert (cfg.reward.accuracy_weight, cfg.reward.format_weight) == (1.0, 1.0)
     assert cfg.reward.fallback_extraction is False  # untagged answers earn nothing by default
@@ -286,7 +287,7 @@ def test_tiny_recipes_are_the_demo_runs(name, tmp_path):
     sft = name.endswith("_sft.yaml")
     train, val = tmp_path / "train.jsonl", tmp_path / "id.jsonl"
     if sft:
-        recipe = demo.sft_recipe(demo.DEFAULT, train, tmp_path / "sft", 1, ["tensorboard"])
+        recipe = demo.sft_recipe(demo.DEFAULT, train, tmp_path / "sft", 1, ["tensorboard"], teacher=True)
     else:
         method = name.removeprefix("tiny_clevr_").removesuffix(".yaml")
         recipe = demo.rl_recipe(demo.DEFAULT, method, 0, tmp_path / "ckpt", train, val, tmp_path / method, 1,

@@ -67,9 +67,11 @@ def test_add_demo_command_parses_the_documented_flags():
     parser = argparse.ArgumentParser(prog="vlm-mig")
     add_demo_command(parser.add_subparsers(dest="command", required=True))
     a = parser.parse_args(["demo"])
-    assert (a.out, a.quick, a.seeds) == ("out/demo", False, 1) and callable(a.handler)
-    a = parser.parse_args(["demo", "--out", "x", "--quick", "--seeds", "3"])
-    assert (a.out, a.quick, a.seeds) == ("x", True, 3)
+    assert (a.out, a.quick, a.seeds, a.plan) == ("out/demo", False, 1, "teacher") and callable(a.handler)
+    a = parser.parse_args(["demo", "--out", "x", "--quick", "--seeds", "3", "--plan", "clean"])
+    assert (a.out, a.quick, a.seeds, a.plan) == ("x", True, 3, "clean")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--plan", "nope"])
 
 
 def test_vlm_mig_cli_has_the_demo_command():
@@ -90,26 +92,40 @@ def test_quick_demo_writes_every_output_and_each_parses(tmp_path):
 
     results = json.loads((out / "results.json").read_text())
     assert results["command"] == f"vlm-mig demo --out {out} --quick"
-    for model in ("sft", "sft-blank"):
+    assert results["plan"]["testbed"] == "teacher"
+    for model in ("sft", "sft-clean"):
         for split in ("id", "ood"):
             r = results["results"][model][split]
             assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["counts_match_scene"] <= 1.0
             assert len(r["correct"]) == results["plan"]["test_scenes"] and r["distinct_answers"] >= 0
+            assert sum(r["error_kinds"].values()) == round((1 - r["accuracy"]) * len(r["correct"]))
     for split in ("id", "ood"):
         p = results["paired"][split]
         assert p["items"] == results["plan"]["test_scenes"] and p["ci95"][0] <= p["mean"] <= p["ci95"][1]
+        for method in ("grpo", "mig"):
+            d = results["over_start"][method][split]
+            assert d["ci95"][0] <= d["mean"] <= d["ci95"][1] and d["seeds"] == 1
+    # the headroom of the start and the ceiling: samples at the rollout temperature and one step's gradients
+    for label in ("sft", "sft-clean"):
+        h = results["headroom"][label]
+        K = results["plan"]["headroom_samples"]
+        assert h["samples"] == K and h["n"] == results["plan"]["test_scenes"] and h["temperature"] == 1.0
+        assert h["greedy"] == pytest.approx(100 * results["results"][label]["id"]["accuracy"], abs=0.01)
+        assert set(h["pass_at_k"]) == {str(k) for k in (1, 2, 4)} and set(h["blind_pass_at_k"]) == set(h["pass_at_k"])
+        assert set(h["signal"]) == {"outcome", "process", "configured"}
+        assert h["signal"]["outcome"]["groups"] == 4 * results["plan"]["prompts_per_step"]  # 4 steps of groups
     assert results["warmup"]["config"]["steps"] == results["plan"]["warmup_steps"]
-    # the control saw only the grey image: every row of its training set points at it
-    blank_rows = rep.read_jsonl(Path(results["data"]["blank"]["train"]))
-    assert {tuple(r["images"]) for r in blank_rows} == {("blank.png",)}
     for method in ("grpo", "mig"):
         (run,) = results["results"][method]
         assert run["seed"] == 0 and set(run) >= {"id", "ood", "run"}
+        assert 0 < run["weights"]["relative_change"] < 1 and run["weights"]["parameters"] > 0
         metrics = rep.read_jsonl(Path(run["run"]) / "metrics.jsonl")
         steps, acc = rep.series(metrics, "reward/accuracy")
         assert steps == list(range(1, results["plan"]["rl_steps"] + 1))
         assert rep.series(metrics, "val/accuracy")[0][0] == 0  # the SFT start, validated before RL
         assert (Path(run["run"]) / f"checkpoint-{results['plan']['rl_steps']}" / "model.safetensors").is_file()
+        trend = results["training_accuracy"][method]
+        assert trend["first"] == pytest.approx(sum(acc[:2]) / 2) and trend["last"] == pytest.approx(sum(acc[-2:]) / 2)
     assert (out / "runs" / "sft" / f"checkpoint-{results['plan']['sft_steps']}" / "model.safetensors").is_file()
     # the two runs differ only in the loss switches (and the output folder)
     import yaml
@@ -121,16 +137,18 @@ def test_quick_demo_writes_every_output_and_each_parses(tmp_path):
         cfg["loss"].pop("alpha"), cfg["loss"].pop("gamma"), cfg["trainer"].pop("output_dir")
         cfg["trainer"].pop("progress_desc")
     assert grpo == mig
-    # the SFT and its control differ only in the training images (and the output folder)
+    # the start and its ceiling differ only in the teacher's errors (and the output folder)
     sft = yaml.safe_load((out / "configs" / "sft.yaml").read_text())
-    blank = yaml.safe_load((out / "configs" / "sft-blank.yaml").read_text())
-    assert Path(blank["data"]["train"]).name == "data-blank.jsonl"
-    for cfg in (sft, blank):
-        cfg["data"].pop("train"), cfg["trainer"].pop("output_dir"), cfg["trainer"].pop("progress_desc")
-    assert sft == blank
+    ceiling = yaml.safe_load((out / "configs" / "sft-clean.yaml").read_text())
+    assert (sft["data"].pop("teacher_error_rate"), sft["data"].pop("teacher_slip")) == (0.75, -1)
+    for cfg in (sft, ceiling):
+        cfg["trainer"].pop("output_dir"), cfg["trainer"].pop("progress_desc")
+    assert sft == ceiling
+    assert "teacher_error_rate" not in grpo["data"]  # RL grades the true answers
     wall = results["wall_time_s"]
     assert wall["total"] > 0
-    assert {"data", "sft train", "sft-blank train", "grpo-seed0 train", "mig-seed0 train"} <= set(wall)
+    assert {"data", "sft train", "sft-clean train", "headroom-sft samples", "grpo-seed0 train",
+            "mig-seed0 train"} <= set(wall)
 
     with Image.open(out / "curves.png") as im:
         im.verify()
@@ -143,14 +161,53 @@ def test_quick_demo_writes_every_output_and_each_parses(tmp_path):
     assert c.counts.get("svg", 0) >= 4 and c.counts.get("img", 0) >= 4  # an l_k curve and the scene per card
 
     md = (out / "report.md").read_text()
-    for needle in ("| model | ID accuracy | OOD accuracy", "| SFT start |", "| GRPO |", "| MIG |", "## Wall time",
-                   "curves.png", "smoke test", "| SFT on blank images", "MIG against GRPO, paired",
+    for needle in ("| model | ID accuracy | OOD accuracy", "| SFT start (imperfect teacher) |", "| GRPO |", "| MIG |",
+                   "## Wall time", "curves.png", "smoke test", "| SFT on the clean gold solutions (the ceiling) |",
+                   "### Headroom before RL", "| pass@4 (T = 1) |", "| blind sampler pass@1 |", "cosine, two halves",
+                   "### RL against its start", "share of the ID gap to the ceiling closed", "MIG against GRPO, paired",
                    "Where the process reward goes (within groups)", "| blind prior"):
         assert needle in md, needle
-    for sub in ("eval/sft/id.jsonl", "eval/sft-blank/ood.jsonl", "eval/grpo-seed0/ood.jsonl",
+    for sub in ("eval/sft/id.jsonl", "eval/sft-clean/ood.jsonl", "eval/grpo-seed0/ood.jsonl",
                 "eval/mig-seed0/id.jsonl"):
         rows = rep.read_jsonl(out / sub)
         assert len(rows) == results["plan"]["test_scenes"]
+
+    # bench/mig_ablation.py: a MIG variant from the same start, paired with this demo's runs of the seed
+    import subprocess
+    import sys
+
+    ablation = out / "ablation.json"
+    res = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "mig_ablation.py"),
+                          "--demo", str(out), "--seeds", "1", "--variant", "half:loss.alpha=0.5", "--serial",
+                          "--json", str(ablation)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    v = json.loads(ablation.read_text())["variants"]["half"]
+    assert v["overrides"] == {"loss": {"alpha": 0.5}} and v["minus_grpo"]["id"]["seeds"] == 1
+    assert yaml.safe_load((out / "configs" / "ablation" / "half-seed0.yaml").read_text())["loss"]["alpha"] == 0.5
+    assert "| half |" in res.stdout
+
+
+def test_the_clean_plan_trains_its_control_on_blank_images(tmp_path):
+    """The previous demo stays available as ``--plan clean``: its start learns the gold solutions and its control
+    the same on blank images (the recipes are written; nothing is trained here)."""
+    import yaml
+
+    from vlm_mig.demo.plan import CLEAN, PLANS, quick_of
+    from vlm_mig.demo.run import make_data, sft_jobs
+
+    plan = quick_of(CLEAN)
+    assert plan.testbed == "clean" and plan.control == "sft-blank" and set(PLANS) == {"teacher", "clean"}
+    paths = make_data(plan, tmp_path / "data")
+    blank_rows = rep.read_jsonl(paths["blank_train"])
+    assert {tuple(r["images"]) for r in blank_rows} == {("blank.png",)}
+    jobs = sft_jobs(plan, paths, tmp_path, 1, [])
+    assert [j["label"] for j in jobs] == ["sft", "sft-blank"]
+    sft = yaml.safe_load((tmp_path / "configs" / "sft.yaml").read_text())
+    blank = yaml.safe_load((tmp_path / "configs" / "sft-blank.yaml").read_text())
+    assert Path(blank["data"]["train"]).name == "data-blank.jsonl" and "teacher_error_rate" not in sft["data"]
+    for cfg in (sft, blank):
+        cfg["data"].pop("train"), cfg["trainer"].pop("output_dir"), cfg["trainer"].pop("progress_desc")
+    assert sft == blank
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,6 +269,20 @@ def test_l_curve_svg_parses(l):
 
 # --------------------------------------------------------------------------------------------------
 # The demo's measurements on hand-made inputs
+
+
+def test_paired_difference_resamples_seeds_too():
+    from vlm_mig.demo.measure import paired_difference
+
+    # Seed 0 gains every item, seed 1 none: resampling items alone would see a constant +0.5 per item (an
+    # interval of width 0); resampling the seeds too spans both outcomes.
+    start = [[False] * 20] * 2
+    rl = [[True] * 20, [False] * 20]
+    p = paired_difference(start, rl, n_boot=400)
+    assert p["mean"] == 0.5 and p["levels"] == "seeds and items" and p["seeds"] == 2
+    assert p["ci95"][0] == 0.0 and p["ci95"][1] == 1.0
+    one = paired_difference(start[:1], rl[:1], n_boot=50)
+    assert one["levels"] == "items" and one["ci95"] == [1.0, 1.0]
 
 
 def test_paired_difference_by_hand():

@@ -251,6 +251,38 @@ def test_template_from_run_config(tmp_path):
     assert template_from_run_config(tmp_path) == PromptTemplate(system_prompt=None)
 
 
+def test_samples_follow_the_checkpoints_rollout_settings(tmp_path):
+    from vlm_mig.evaluation import EvalOptions
+    from vlm_mig.evaluation.options import sampling_from_run_config
+
+    assert sampling_from_run_config(tmp_path) == {}
+    (tmp_path / "run_config.json").write_text(json.dumps({"rollout": {"temperature": 1.0, "top_p": 1.0}}))
+    found = sampling_from_run_config(tmp_path)
+    assert found == {"sampling_temperature": 1.0, "sampling_top_p": 1.0}
+    opts = EvalOptions(**found)
+    assert opts.decoding() == (None, None)  # K = 1 stays greedy
+    assert opts.updated({"samples": 8}, "x").decoding() == (1.0, 1.0)
+    assert opts.updated({"samples": 8, "temperature": 0.3}, "x").decoding() == (0.3, None)  # a flag wins
+    assert opts.updated({"samples": 8, "top_p": 0.9}, "x").decoding() == (1.0, 0.9)
+    assert EvalOptions(samples=4).decoding() == (0.6, 0.95)  # no run config: the project's sampling default
+    (tmp_path / "run_config.json").write_text(json.dumps({"rollout": {"temperature": 0.0}}))
+    assert sampling_from_run_config(tmp_path) == {}  # greedy rollouts say nothing about sampling
+
+
+def test_eval_samples_at_the_rollout_temperature_of_the_run(tiny_vl_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "ckpt"
+    shutil.copytree(tiny_vl_dir, model)
+    (model / "run_config.json").write_text(json.dumps({"rollout": {"temperature": 0.8, "top_p": 0.9}}))
+    out = tmp_path / "out"
+    rc = run_cli(["--model", str(model), "--task", "gsm8k", "--limit", "2", "--samples", "2", "--max-new-tokens",
+                  "4", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    decoding = json.loads((out / "results.json").read_text())["benchmarks"]["gsm8k"]["decoding"]
+    assert (decoding["mode"], decoding["temperature"], decoding["top_p"]) == ("sampling", 0.8, 0.9)
+
+
 # ----------------------------------------------------------------------------------------------
 # Model runs (tiny models)
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from vlm_mig.data.schema import Sample
 from vlm_mig.mig import (
     ScoreRow,
     answer_scores,
+    credited_watermark,
     encode_answers,
     process_reward,
     prompt_rows,
@@ -39,8 +40,10 @@ def test_min_gain_and_raw_gains_by_hand():
     l = torch.tensor([-3.0, -2.98, -2.96, -2.94, -1.0, -1.02])
     # A record must beat the watermark by min_gain: three +0.02 steps are noise until they add up to 0.06.
     assert watermark(l, min_gain=0.05).tolist() == pytest.approx([-3.0, -3.0, -3.0, -2.94, -1.0, -1.0])
-    assert step_gains(l, min_gain=0.05).tolist() == pytest.approx([0.0, 0.0, 0.06, 1.94, 0.0])
-    assert step_gains(l).tolist() == pytest.approx([0.02, 0.02, 0.02, 1.94, 0.0])
+    assert step_gains(l, min_gain=0.05, records="all").tolist() == pytest.approx([0.0, 0.0, 0.06, 1.94, 0.0])
+    assert step_gains(l, records="all").tolist() == pytest.approx([0.02, 0.02, 0.02, 1.94, 0.0])
+    # Kept to the last step (-1.02): the last record keeps only what l_K keeps.
+    assert step_gains(l, records="kept").tolist() == pytest.approx([0.02, 0.02, 0.02, 1.92, 0.0])
     # No watermark (the ablation): the raw difference, negative too; |d| < min_gain counts as 0.
     assert step_gains(l, use_watermark=False).tolist() == pytest.approx([0.02, 0.02, 0.02, 1.94, -0.02])
     assert step_gains(l, use_watermark=False, min_gain=0.05).tolist() == pytest.approx([0.0, 0.0, 0.0, 1.94, 0.0])
@@ -50,12 +53,37 @@ def test_min_gain_and_raw_gains_by_hand():
     assert step_gains(l, valid, use_watermark=False).tolist() == pytest.approx([0.02, 0.02, 0.0, 0.0, 0.0])
 
 
+def test_kept_records_pay_only_what_the_last_step_keeps():
+    """A completion that states the gold number, then answers something else, must not out-earn one that carries
+    the count to its answer. Under ``records: all`` (SPEC's watermark) the restated number's record counts in
+    full; under ``kept`` the watermark is capped at l_K."""
+    restate = [-3.0, -0.5, -2.5]  # "I see 2 cubes" (gold 2) ... "So there is 1 large cube"
+    carry = [-3.0, -2.0, -0.6]  # the counts, then "So there are 2 large cubes"
+    l = torch.tensor([restate, carry])
+    assert process_reward(l, records="all").tolist() == pytest.approx([2.5, 2.4])  # the defect: restate > carry
+    assert process_reward(l, records="kept").tolist() == pytest.approx([0.5, 2.4])  # max(0, l_K - l_0)
+    # Step credit: a record counts up to the level kept; recovering from a detour still earns nothing.
+    assert step_gains(torch.tensor([0.0, 3.0, 1.0, 2.0]), records="kept").tolist() == [2.0, 0.0, 0.0]
+    assert step_gains(torch.tensor([0.0, 3.0, 1.0, 2.0]), records="all").tolist() == [3.0, 0.0, 0.0]
+    assert step_gains(torch.tensor([0.0, 1.0, -1.0]), records="kept").tolist() == [0.0, 0.0]
+    # Ragged K: l_K is each row's last real score.
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    l = torch.tensor([[0.0, 2.0, 1.0], [0.0, 2.0, -9.0]])
+    assert step_gains(l, valid, records="kept").tolist() == [[1.0, 0.0], [2.0, 0.0]]
+    assert credited_watermark(l, valid, records="kept")[0].tolist() == [0.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="records"):
+        step_gains(l, records="some")
+
+
 def test_trajectory_credit_ranks_by_the_best_l_k_whatever_the_watermark_does():
-    # l_0 is shared by the group (same prompt, same think opener), so R_proc = max_k l_k - l_0 and A_proc is
-    # the group-normalised max_k l_k: detours below the record change nothing under trajectory credit.
+    # l_0 is shared by the group (same prompt, same think opener), so under records "all" R_proc = max_k l_k - l_0
+    # and A_proc is the group-normalised max_k l_k: detours below the record change nothing under trajectory
+    # credit. Under "kept" (the default) it is max(0, l_K - l_0): what the completion ends on.
     l = torch.tensor([[-2.0, -1.0, -3.0, -0.5], [-2.0, -2.5, -1.5, -1.6], [-2.0, -0.2, -2.2, -2.1]])
-    a = group_normalize(process_reward(l), 3)
+    a = group_normalize(process_reward(l, records="all"), 3)
     assert torch.allclose(a, group_normalize(l.max(-1).values, 3), atol=1e-6)
+    kept = group_normalize(process_reward(l), 3)
+    assert torch.allclose(kept, group_normalize((l[:, -1] - l[:, 0]).clamp(min=0), 3), atol=1e-6)
     # Without the watermark it is the last score that counts.
     assert torch.allclose(group_normalize(process_reward(l, use_watermark=False), 3),
                           group_normalize(l[:, -1], 3), atol=1e-6)
@@ -104,20 +132,24 @@ def test_opener_and_answer_scores_equal_naive_passes(tiny_text_dir):
         enc = encode_answers(tok, sample.variants, DEFAULT_PROBE, opener="\n")
         row = ScoreRow(completion_ids=ids, cuts=cuts, **enc, **p)
         no_probe = torch.zeros(0, dtype=torch.long)  # every copy's context comes from enc
-        packed = {m: score_rows(model, [row], no_probe, answer_score=m)[0] for m in ("mean", "sum", "digits")}
+        packed = {m: score_rows(model, [row], no_probe, answer_score=m)[0] for m in ("mean", "sum", "digits", "margin")}
     for k, c in enumerate(cuts):
         for j, v in enumerate(enc["variants"]):
             ctx = enc["l0_probes"][j] if k == 0 else enc["probes"][j]
             seq = torch.cat([batch.input_ids[0], ids[:c], ctx, v]).unsqueeze(0)
             with torch.no_grad():
                 logits = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0].float()
-            lp = logits[-v.numel() - 1 : -1].log_softmax(-1).gather(-1, v.unsqueeze(-1)).squeeze(-1)
+            logp = logits[-v.numel() - 1 : -1].log_softmax(-1)
+            lp = logp.gather(-1, v.unsqueeze(-1)).squeeze(-1)
+            # margin: each answer token against the most likely other token at its position.
+            rival = logp.scatter(-1, v.unsqueeze(-1), float("-inf")).max(-1).values
             for mode, res in packed.items():
-                want = answer_scores(lp, torch.zeros_like(v), 1, mode, enc["units"][j])[0]
+                want = answer_scores(lp - rival if mode == "margin" else lp, torch.zeros_like(v), 1, mode,
+                                     enc["units"][j])[0]
                 assert abs(float(want) - float(res.l_variants[k, j])) < 1e-4, (k, j, mode)
                 assert torch.equal(res.l_by_score[mode], res.l)
-    # The three scores differ on a multi-token answer, and copy 0 sits behind the opener.
-    assert len({round(float(r.l[1]), 4) for r in packed.values()}) == 3
+    # The four scores differ on a multi-token answer, and copy 0 sits behind the opener.
+    assert len({round(float(r.l[1]), 4) for r in packed.values()}) == 4
     assert enc["l0_probes"][0].numel() == enc["probes"][0].numel() + 1
 
 

@@ -73,6 +73,38 @@ def test_hf_engine_samples_groups_and_teacher_forced_logprobs(tiny_vl_dir, make_
     assert pos[0, i, P : P + n].tolist() == list(range(last_prompt + 1, last_prompt + 1 + n))
 
 
+def test_logprobs_follow_the_sampling_temperature(tiny_vl_dir, make_image):
+    """At T != 1 the rollouts come from softmax(logits / T): the old log-probs (and so the ratio and the loss
+    pass, which share ``packed_forward``) are taken under it, while the step scores l_k stay at T = 1."""
+    from vlm_mig.mig import ScoreRow, packed_forward, prompt_rows
+
+    engine = _engine(tiny_vl_dir, num_generations=2, max_new_tokens=10, temperature=0.5)
+    sample = Sample(id="a", question="How many items?", images=[str(make_image("a.png"))], answer="3")
+    r = engine.generate([sample])
+    cold = teacher_forced_logprobs(engine.model, r, temperature=0.5)
+    plain = teacher_forced_logprobs(engine.model, r)
+    i, n = 1, int(r.completion_mask[1].sum())
+    one = encode_prompts(engine.processor, [sample])
+    ids = torch.cat([one.input_ids[0], r.completion_ids[i, :n]]).unsqueeze(0)
+    mm = torch.cat([one.mm_token_type_ids[0], torch.zeros(n, dtype=one.mm_token_type_ids.dtype)]).unsqueeze(0)
+    with torch.no_grad():
+        logits = engine.model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm,
+                              pixel_values=one.pixel_values, image_grid_thw=one.image_grid_thw).logits[0, -n - 1 : -1]
+    tgt = r.completion_ids[i, :n, None]
+    assert torch.allclose(cold[i, :n], (logits.float() / 0.5).log_softmax(-1).gather(-1, tgt).squeeze(-1), atol=1e-4)
+    assert torch.allclose(plain[i, :n], logits.float().log_softmax(-1).gather(-1, tgt).squeeze(-1), atol=1e-4)
+    assert not torch.allclose(cold[i, :n], plain[i, :n], atol=1e-3)
+    # l_k of a scored row do not move with the temperature; its completion log-probs do.
+    piece = prompt_rows(engine.model, one)[0]
+    row = ScoreRow(completion_ids=r.completion_ids[i, :n], cuts=[0, n], variants=[torch.tensor([5])], **piece)
+    with torch.no_grad():
+        at1, at05 = (packed_forward(engine.model, [row], torch.tensor([6, 7]), temperature=t)[0] for t in (1.0, 0.5))
+    assert torch.equal(at1.l, at05.l)
+    assert torch.allclose(at05.completion_logprobs, cold[i, :n], atol=1e-5)
+    assert RolloutConfig(temperature=0.0).logprob_temperature == 1.0
+    assert RolloutConfig(temperature=0.7).logprob_temperature == 0.7
+
+
 def test_hf_engine_text_model_greedy_is_deterministic(tiny_text_dir):
     engine = _engine(tiny_text_dir, num_generations=2, max_new_tokens=8, temperature=0.0)
     r = engine.generate([Sample(id="t", question="What is 2 + 3?", answer="5")])

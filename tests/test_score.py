@@ -32,8 +32,8 @@ def test_score_cli_outputs_and_explain_sequences_recheck(tiny_vl_dir, make_image
     r1, r2 = res
     assert r1["id"] == "r1" and r1["image"] == "scene.png" and r2["extra"] == 7  # input fields kept as given
     assert len(r1["steps"]) == 3 and len(r1["l"]) == 4 and len(r1["gains"]) == 3
-    assert r1["watermark"][0] == r1["l"][0]
-    assert r1["watermark"] == [max(r1["l"][: k + 1]) for k in range(4)]
+    # records kept (the default): the running best of l, capped at l_K
+    assert r1["watermark"] == [min(max(r1["l"][: k + 1]), r1["l"][-1]) for k in range(4)]
     assert r1["process_reward"] == pytest.approx(sum(r1["gains"]), abs=1e-5)
     assert r1["process_reward"] == pytest.approx(r1["watermark"][-1] - r1["watermark"][0], abs=1e-5)
     assert r2["steps"] == [] and r2["gains"] == [] and r2["process_reward"] == 0.0  # no think span: K = 0

@@ -80,7 +80,7 @@ def test_synthetic_step_table_labels_every_step(sv):
     def fake(s, m):
         K = len(m["labels"])
         ls = {mode: [float(k) * (2 if mode == "sum" else 1) for k in range(K + 1)] for mode in ("mean", "sum",
-                                                                                               "digits")}
+                                                                                               "digits", "margin")}
         return {"id": s.id, "steps": [f"so {s.answer} now"] * K, "l_by_answer_score": ls,
                 "l0_by_context": {"empty_think": {m_: 0.0 for m_ in ls}, "opener": {m_: 0.5 for m_ in ls}}}
 

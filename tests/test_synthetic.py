@@ -323,6 +323,54 @@ def test_count_claims_catch_wrong_counts() -> None:
         make_clevr_example(0, question_mix="bogus")
 
 
+# ------------------------------------------------------------------------------------ imperfect teacher
+
+
+def test_imperfect_teacher_slips_only_the_last_result_and_keeps_every_count_right() -> None:
+    """The demo's testbed: each solution whose last step computes its answer is, at the given rate, rewritten
+    with that result (and the answer) moved by the slip; every counting step stays right against the scene."""
+    from vlm_mig.data.clevr import equations
+    from vlm_mig.data.teacher import imperfect_teacher, slip_result
+
+    examples = [make_clevr_example(i, seed=5, question_mix="multistep", list_objects=False) for i in range(300)]
+    rows = [ex.samples[0] for ex in examples]
+    objects = {ex.samples[0].id: ex.scene_json["objects"] for ex in examples}
+    taught = imperfect_teacher(rows, 0.75, seed=0, slip=-1)
+    eligible = slipped = 0
+    for gold, t in zip(rows, taught):
+        computes = slip_result(gold.gold_steps, gold.answer, -1) is not None
+        eligible += computes
+        if "teacher" not in t.meta:
+            assert t == gold  # untouched rows are the gold rows
+            continue
+        slipped += 1
+        assert computes and t.meta == {**gold.meta, "gold_answer": gold.answer, "teacher": "last result -1"}
+        assert t.answer == str(int(gold.answer) - 1) and t.gold_steps[:-1] == gold.gold_steps[:-1]
+        # The counting steps are the gold ones, right against the scene; the last equation is off by the slip.
+        counts = format_solution(t.gold_steps[:-1], t.answer)
+        n, right = check_claims(counts, objects[t.id])
+        assert n > 0 and right == n
+        (left, value, stated), = equations(t.gold_steps[-1])
+        assert value == int(gold.answer) and stated == value - 1 == int(t.answer)
+    assert eligible > 150 and abs(slipped / eligible - 0.75) < 0.08
+    # A row's fate is its own: the same for a subset in another order, and a seed draws others.
+    assert imperfect_teacher(rows[::-1][:50], 0.75, seed=0, slip=-1) == taught[::-1][:50]
+    assert imperfect_teacher(rows, 0.75, seed=1, slip=-1) != taught
+    assert imperfect_teacher(rows, 0.0) == rows
+    everyone = imperfect_teacher(rows, 1.0, slip=+1)  # a result of 0 can slip up, not down
+    assert sum("teacher" in t.meta for t in everyone) == sum(slip_result(g.gold_steps, g.answer, 1) is not None
+                                                             for g in rows) > eligible
+    # A result of 0 cannot slip below 0; a last step that computes nothing never slips.
+    assert slip_result(["I see 2 cubes.", "So 2 - 2 = 0."], "0", -1) is None
+    assert slip_result(["I see 2 cubes.", "So there are 2 cubes."], "2", 1) is None
+    assert slip_result(["I see 1 cube.", "In total 1 + 2 = 3 objects."], "3", 1) == (
+        ["I see 1 cube.", "In total 1 + 2 = 4 objects."], "4")
+    with pytest.raises(DataError, match="teacher_slip"):
+        imperfect_teacher(rows, 0.5, slip=0)
+    with pytest.raises(DataError, match="teacher_error_rate"):
+        imperfect_teacher(rows, 1.5)
+
+
 # --------------------------------------------------------------------------------------- arithmetic
 
 _PHRASE_OPS = [

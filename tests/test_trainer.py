@@ -75,6 +75,39 @@ def test_sft_learns_and_writes_a_loadable_hf_checkpoint(tiny_vl_dir, tmp_path):
                  {k: v for k, v in trainer.model.state_dict().items() if "lm_head" not in k})
 
 
+def test_the_ratio_is_taken_at_the_rollout_temperature(sft_vl_dir, tmp_path):
+    """At T = 0.7 with two passes over one batch and no update between them (lr 0), every ratio is 1: the old
+    log-probs (scoring pass) and the loss pass take the same tempered distribution."""
+    cfg = load_config(None, _rl_overrides(sft_vl_dir, tmp_path / "t", 1, **{
+        "rollout.temperature": 0.7, "trainer.num_iterations": 2, "optim.lr": 0.0}))
+    Trainer(cfg, mode="rl").train()
+    (row,) = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert row["loss/ratio_min"] == pytest.approx(1.0, abs=1e-5)
+    assert row["loss/ratio_max"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_teacher_errors_rewrite_sft_targets_and_are_refused_in_rl(tiny_vl_dir, tmp_path):
+    """``data.teacher_error_rate`` rewrites the SFT targets only: RL rewards grade the true answers."""
+    from vlm_mig.data.teacher import slip_result
+
+    def train_data(rate: float) -> list:
+        return Trainer(load_config(None, _rl_overrides(tiny_vl_dir, tmp_path / "sft", 1, **{  # one synthetic set
+            "data.synthetic_mix": "multistep", "data.teacher_error_rate": rate, "data.teacher_slip": 1})),
+            mode="sft").train_data
+
+    gold, taught = train_data(0.0), train_data(1.0)
+    assert [s.id for s in gold] == [s.id for s in taught]
+    for g, t in zip(gold, taught):
+        if slip_result(g.gold_steps, g.answer, 1) is None:
+            assert t == g
+        else:
+            assert int(t.answer) == int(g.answer) + 1 and t.meta["gold_answer"] == g.answer
+    assert any(t != g for g, t in zip(gold, taught))
+    with pytest.raises(ConfigError, match="teacher_error_rate"):
+        Trainer(load_config(None, _rl_overrides(tiny_vl_dir, tmp_path / "rl", 1, **{
+            "data.teacher_error_rate": 0.5})), mode="rl")
+
+
 @pytest.mark.parametrize("variant", ["mig", "grpo"])
 def test_train_step_logs_every_spec_metric(tiny_vl_dir, tmp_path, variant):
     extra = {"loss.alpha": 0, "loss.gamma": 0} if variant == "grpo" else {"advantage.process_credit": "step"}

@@ -30,9 +30,13 @@ __all__ = [
     "AdvantageConfig",
     "Advantages",
     "PROCESS_MASKS",
+    "PROCESS_SCALES",
     "compute_advantages",
+    "equal_outcome_share",
     "group_normalize",
     "process_token_mask",
+    "scale_sums",
+    "scale_to_match",
     "step_normalize",
     "token_advantages",
     "within_group_credit",
@@ -42,6 +46,8 @@ __all__ = [
 SCALES = ("group", "batch", "none")
 PROCESS_CREDITS = ("trajectory", "step")
 PROCESS_MASKS = ("cot", "full")
+#: How the process advantage is scaled against the outcome advantage after normalisation.
+PROCESS_SCALES = ("none", "match_outcome")
 
 
 @dataclass
@@ -53,6 +59,9 @@ class AdvantageConfig:
     #: "trajectory": every CoT token gets A_proc_i; "step": step k gets g_k
     process_credit: str = choice("trajectory", PROCESS_CREDITS)
     process_mask: str = choice("cot", PROCESS_MASKS)  #: process-advantage tokens: M_cot (SPEC) | M_full (ablation)
+    #: "match_outcome": the process token advantages are rescaled so their root mean square over the batch equals
+    #: the outcome advantage's; "none": as normalised (SPEC)
+    process_scale: str = choice("none", PROCESS_SCALES)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -224,6 +233,7 @@ class Advantages:
     zero_std_out: float  #: fraction of groups with constant R_out
     zero_std_proc: float  #: fraction of groups with constant R_proc
     below_min_spread: float = 0.0  #: fraction of groups whose R_proc spread is under the noise floor (A_proc 0)
+    process_scale: float = 1.0  #: the factor ``process_scale: match_outcome`` multiplied the process advantage by
 
 
 def compute_advantages(
@@ -272,6 +282,33 @@ def compute_advantages(
         zero_std_proc=zero_std_fraction(r_proc, group_size),
         below_min_spread=zero_std_fraction(r_proc, group_size, min_spread),
     )
+
+
+def scale_sums(tok: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """``(sum of squares, count)`` of the token advantages under ``mask``: what ``scale_to_match`` needs, in a
+    form that adds up over processes."""
+    m = mask.bool()
+    return float(tok.float()[m].square().sum()), float(m.sum())
+
+
+def scale_to_match(out_sums: tuple[float, float], proc_sums: tuple[float, float]) -> float:
+    """The factor that gives the process token advantages the root mean square of the outcome ones
+    (``advantage.process_scale: match_outcome``), from ``scale_sums`` of each (over the global batch); 1 when
+    either is all zero (nothing to match, or nothing to scale)."""
+    (so, no), (sp, npr) = out_sums, proc_sums
+    if so <= 0 or sp <= 0 or no <= 0 or npr <= 0:
+        return 1.0
+    return float((so / no) ** 0.5 / (sp / npr) ** 0.5)
+
+
+def equal_outcome_share(r_out: torch.Tensor, tok_proc: torch.Tensor, group_size: int) -> float:
+    """The share of the process advantage (sum of |A_proc| over tokens) that sits in groups whose outcome rewards
+    are all equal, where the outcome advantage, and so GRPO, has no gradient; NaN when there is none at all."""
+    rg = r_out.reshape(_check_groups(r_out.numel(), group_size), group_size)
+    equal = (rg.amax(-1) == rg.amin(-1)).repeat_interleave(group_size)
+    mass = tok_proc.float().abs().sum(-1)
+    total = float(mass.sum())
+    return float(mass[equal].sum()) / total if total > 0 else float("nan")
 
 
 def within_group_credit(

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from vlm_mig.config import ConfigError
 from vlm_mig.data.schema import DataError
-from vlm_mig.mig import ANSWER_SCORES, L0_CONTEXTS
+from vlm_mig.mig import ANSWER_SCORES, L0_CONTEXTS, RECORDS
 from vlm_mig.models import ARCHES
 from vlm_mig.score import ScoreConfig as ScoreDefaults
 from vlm_mig.warmup import WarmupConfig
@@ -63,7 +63,7 @@ def _score(args: argparse.Namespace) -> int:
         cfg = ScoreConfig(probe=args.probe, max_steps=args.max_steps, min_step_chars=args.min_step_chars,
                           batch_size=args.batch_size, visual_evidence=args.visual_evidence,
                           l0_context=args.l0_context, answer_score=args.answer_score, watermark=not args.no_watermark,
-                          min_gain=args.min_gain)
+                          min_gain=args.min_gain, records=args.records)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     n = score_file(args.model, args.data, args.out, explain=args.explain, cfg=cfg, task=args.task)
@@ -158,9 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--l0-context", default=ScoreDefaults.l0_context, choices=L0_CONTEXTS,
                    help="score l_0 right after <think> (empty_think) or after the neutral opener")
     p.add_argument("--answer-score", default=ScoreDefaults.answer_score, choices=ANSWER_SCORES,
-                   help="answer token log-probs -> l_k: mean, sum (sequence log-prob) or digits")
+                   help="answer token log-probs -> l_k: mean, sum (sequence log-prob), digits, or margin (against "
+                        "the most likely other token)")
     p.add_argument("--no-watermark", action="store_true", help="gains are the raw l_k - l_{k-1} (ablation)")
     p.add_argument("--min-gain", type=float, default=ScoreDefaults.min_gain, help="gains below this (nats) count as 0")
+    p.add_argument("--records", default=ScoreDefaults.records, choices=RECORDS,
+                   help="kept: a record earns only what the last step keeps (h capped at l_K); all: every record")
     p.set_defaults(handler=_score)
     return parser
 

@@ -81,13 +81,20 @@ class DataConfig:
     question_suffix: str = ""  #: appended to every question (train and eval alike)
     skip_bad: bool = False  #: skip (and report) malformed rows instead of failing on the first one
     limit: int | None = bounded(None, ge=1)  #: use only the first N training rows
+    #: vlm-mig sft only: the SFT targets of an imperfect teacher (vlm_mig.data.teacher): with this probability a
+    #: training row whose last step computes its answer gets that result and answer moved by teacher_slip
+    teacher_error_rate: float = bounded(0.0, ge=0, le=1)
+    teacher_slip: int = -1  #: how far the teacher's wrong result is from the right one (not 0)
+    teacher_seed: int = 0  #: seed of the teacher's slips (each row's draw is keyed on it and the row id)
 
 
 @dataclass
 class MigConfig(MigOptions):
     """The process reward (SPEC sections 1-2): the scoring options, plus the noise floor of the process advantage."""
 
-    min_spread: float = bounded(0.0, ge=0)  #: groups whose R_proc spread (max - min, nats) is below this get A_proc = 0
+    #: groups whose R_proc spread (max - min, nats) is below this get A_proc = 0: about the R_proc gap between two
+    #: completions of a group that state the same numbers and answer (measured, SPEC section 4)
+    min_spread: float = bounded(0.1, ge=0)
 
 
 @dataclass

@@ -19,12 +19,15 @@ Options (``MigOptions``; SPEC section 2 has each decision and its measurement): 
 are tokenized as one text and split at the seam by character offsets (``encode_answers``), so each copy
 holds the tokens the model would have written; ``l_0`` is scored right after ``<think>`` or after a neutral
 opener; the answer's token log-probs become ``l_k`` by their mean, their sum, or with each number scored
-by its least likely token (``answer_scores``); the watermark can be switched off (raw ``l_k - l_{k-1}``);
-gains below ``min_gain`` count as 0.
+by its least likely token, or as the gold's margin over its most likely competitor token (``answer_scores``);
+the watermark is capped at the last step's score by default (``records: kept``: a record counts only as far as
+the completion keeps it), or takes every record (``all``), or is switched off (raw ``l_k - l_{k-1}``); gains
+below ``min_gain`` count as 0. The completion log-probs are taken at the rollout temperature, the ``l_k`` at 1.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -37,7 +40,9 @@ from vlm_mig.fields import bounded, check_fields, choice
 from vlm_mig.prompts import DEFAULT_L0_OPENER, DEFAULT_PROBE
 
 #: How the gold answer's token log-probs become one score (SPEC section 2, "answer score").
-ANSWER_SCORES = ("mean", "sum", "digits")
+ANSWER_SCORES = ("mean", "sum", "digits", "margin")
+#: Which watermark records earn credit (SPEC section 2): every new record, or only what the last step keeps.
+RECORDS = ("all", "kept")
 #: Where l_0 is scored: right after ``<think>`` (an empty think), or after ``MigOptions.l0_opener``.
 L0_CONTEXTS = ("empty_think", "opener")
 #: No tokens: the probe of a pass that scores completions only (no answer copies).
@@ -62,6 +67,9 @@ class MigOptions:
     answer_score: str = choice("mean", ANSWER_SCORES)  #: answer token log-probs -> l_k (sum: sequence log-prob)
     watermark: bool = True  #: gains against the watermark (SPEC); false: raw l_k - l_{k-1} (ablation)
     min_gain: float = bounded(0.0, ge=0)  #: a gain below this many nats counts as 0 (the watermark moves only past it)
+    #: "kept": a record earns only the part of it the completion keeps to its last step (h_k capped at l_K);
+    #: "all": every new record earns its gain, even one a later step abandons
+    records: str = choice("kept", RECORDS)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -99,16 +107,37 @@ def watermark(scores: torch.Tensor, valid: torch.Tensor | None = None, min_gain:
     return h
 
 
+def final_score(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``l_K`` of each row ([...]): the last real entry of ``scores`` [..., K+1]."""
+    if valid is None:
+        return scores[..., -1]
+    last = (valid.long().sum(-1, keepdim=True) - 1).clamp(min=0)
+    return scores.gather(-1, last).squeeze(-1)
+
+
+def credited_watermark(scores: torch.Tensor, valid: torch.Tensor | None = None, min_gain: float = 0.0,
+                       records: str = MigOptions.records) -> torch.Tensor:
+    """The watermark the gains are read from: ``watermark`` itself, or with ``records="kept"`` capped at the
+    last step's score, ``h'_k = min(h_k, l_K)``."""
+    if records not in RECORDS:
+        raise ValueError(f"records must be one of {RECORDS}, got {records!r}")
+    h = watermark(scores, valid, min_gain)
+    return torch.minimum(h, final_score(scores, valid).unsqueeze(-1)) if records == "kept" else h
+
+
 def step_gains(scores: torch.Tensor, valid: torch.Tensor | None = None, *, use_watermark: bool = True,
-               min_gain: float = 0.0) -> torch.Tensor:
+               min_gain: float = 0.0, records: str = MigOptions.records) -> torch.Tensor:
     """MIG per step, shape [..., K] (0 past each row's K).
 
     With the watermark (SPEC): ``g_k = h_k - h_{k-1}``, i.e. ``max(0, l_k - h_{k-1})`` when ``min_gain`` is 0.
-    Without it (the ablation): the raw difference ``l_k - l_{k-1}``, which can be negative, set to 0 where
-    ``|l_k - l_{k-1}| < min_gain``.
+    ``records="kept"`` caps the watermark at the last step's score, ``h'_k = min(h_k, l_K)``: a record earns
+    only as much of its gain as the completion keeps to its end, so ``R_proc = max(0, l_K - l_0)`` and a step
+    that made the gold likely earns nothing when a later step abandons it. Without the watermark (the
+    ablation): the raw difference ``l_k - l_{k-1}``, which can be negative (so it charges a drop by itself),
+    set to 0 where ``|l_k - l_{k-1}| < min_gain``; ``records`` does not apply.
     """
     if use_watermark:
-        h = watermark(scores, valid, min_gain)
+        h = credited_watermark(scores, valid, min_gain, records)
         g = h[..., 1:] - h[..., :-1]
     else:
         g = scores[..., 1:] - scores[..., :-1]
@@ -119,9 +148,10 @@ def step_gains(scores: torch.Tensor, valid: torch.Tensor | None = None, *, use_w
 
 
 def process_reward(scores: torch.Tensor, valid: torch.Tensor | None = None, *, use_watermark: bool = True,
-                   min_gain: float = 0.0) -> torch.Tensor:
-    """``R_proc = sum_k g_k`` (= ``h_K - h_0``; ``l_K - l_0`` without the watermark); rows with K = 0 give 0."""
-    return step_gains(scores, valid, use_watermark=use_watermark, min_gain=min_gain).sum(-1)
+                   min_gain: float = 0.0, records: str = MigOptions.records) -> torch.Tensor:
+    """``R_proc = sum_k g_k`` (= ``h_K - h_0``; ``max(0, l_K - l_0)`` with ``records="kept"``; ``l_K - l_0``
+    without the watermark); rows with K = 0 give 0."""
+    return step_gains(scores, valid, use_watermark=use_watermark, min_gain=min_gain, records=records).sum(-1)
 
 
 def answer_scores(logprobs: torch.Tensor, copy: torch.Tensor, n_copies: int, mode: str = MigOptions.answer_score,
@@ -132,7 +162,9 @@ def answer_scores(logprobs: torch.Tensor, copy: torch.Tensor, n_copies: int, mod
     sequence log-prob; ``digits``: as ``mean``, but the tokens of one number (the same ``unit`` id within a
     copy) count as one unit scored by its least likely token, so a leading digit that a wrong stated number
     shares with the gold earns nothing while a later digit is unlikely. ``unit``: per token, an id that
-    tokens of one number share (``encode_answers``); None makes every token its own unit.
+    tokens of one number share (``encode_answers``); None makes every token its own unit. ``margin`` is the
+    mean over tokens too, of log-prob margins (``packed_forward`` passes ``log p(v_t) - max_{u != v_t} log
+    p(u)`` as ``logprobs``): the gold against its most likely competitor.
     """
     if mode not in ANSWER_SCORES:
         raise ValueError(f"answer score must be one of {ANSWER_SCORES}, got {mode!r}")
@@ -141,6 +173,7 @@ def answer_scores(logprobs: torch.Tensor, copy: torch.Tensor, n_copies: int, mod
         keys, inverse = torch.unique(copy * span + unit, return_inverse=True)
         worst = logprobs.new_full((keys.numel(),), float("inf")).scatter_reduce(0, inverse, logprobs, "amin")
         logprobs, copy = worst, keys // span
+    mode = "mean" if mode == "margin" else mode
     sums = logprobs.new_zeros(n_copies).index_add(0, copy, logprobs)
     if mode == "sum":
         return sums
@@ -293,32 +326,48 @@ def block_mask(layouts: list[PackedLayout], length: int, dtype: torch.dtype) -> 
 # The model-facing pass
 
 
-def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
-    """fp32 ``log p(target)`` for each row of ``hidden`` [N, H], in chunks (never all logits at once)."""
+def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOGPROB_CHUNK,
+                   temperature: float = 1.0, rival: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``log p(target)`` for each row of ``hidden`` [N, H], in chunks (never all logits at once), under
+    ``softmax(logits / temperature)``. With ``rival`` also ``max_{u != target} log p(u)``, the most likely
+    other token (a pair of tensors)."""
     head = adapter_for(model).output_head(model)
-    out = []
+    out, rivals = [], []
+
+    def pick(logits: torch.Tensor, s: int) -> None:
+        logp = (logits if temperature == 1.0 else logits / temperature).log_softmax(-1)
+        tgt = targets[s : s + chunk].unsqueeze(-1)
+        out.append(logp.gather(-1, tgt).squeeze(-1))
+        if rival:
+            top = logp.topk(min(2, logp.shape[-1]), dim=-1)
+            other = top.values[:, -1] if top.values.shape[-1] > 1 else torch.full_like(top.values[:, 0], -math.inf)
+            rivals.append(torch.where(top.indices[:, 0] == tgt.squeeze(-1), other, top.values[:, 0]))
+
     if hasattr(head.weight, "ds_id"):
         # ZeRO-3 partitions the weight: only the module call gathers it (and routes its gradient back to the
         # shards), so the logits come out in the engine's dtype and are upcast before the softmax.
         for s in range(0, hidden.shape[0], chunk):
-            logits = head(hidden[s : s + chunk]).float()
-            out.append(logits.log_softmax(-1).gather(-1, targets[s : s + chunk].unsqueeze(-1)).squeeze(-1))
-        return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
-    # fp32 even under bf16 autocast: bf16 logits carry ~0.1 nats of noise, as large as a step's gain.
-    with torch.autocast(device_type=hidden.device.type, enabled=False):
-        weight = head.weight.float()
-        bias = head.bias.float() if getattr(head, "bias", None) is not None else None
-        for s in range(0, hidden.shape[0], chunk):
-            logits = F.linear(hidden[s : s + chunk].float(), weight, bias)
-            out.append(logits.log_softmax(-1).gather(-1, targets[s : s + chunk].unsqueeze(-1)).squeeze(-1))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+            pick(head(hidden[s : s + chunk]).float(), s)
+    else:
+        # fp32 even under bf16 autocast: bf16 logits carry ~0.1 nats of noise, as large as a step's gain.
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            weight = head.weight.float()
+            bias = head.bias.float() if getattr(head, "bias", None) is not None else None
+            for s in range(0, hidden.shape[0], chunk):
+                pick(F.linear(hidden[s : s + chunk].float(), weight, bias), s)
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    lp = torch.cat(out) if out else empty
+    return (lp, torch.cat(rivals) if rivals else empty) if rival else lp
 
 
 def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob_chunk: int = LOGPROB_CHUNK,
-                   answer_score: str = MigOptions.answer_score) -> list[RowScores]:
+                   answer_score: str = MigOptions.answer_score, temperature: float = 1.0) -> list[RowScores]:
     """Score a micro-batch of rollouts in one forward pass. Runs under the caller's grad mode.
 
-    ``l`` uses ``answer_score``; ``l_by_score`` holds every answer score (they share the pass)."""
+    ``l`` uses ``answer_score``; ``l_by_score`` holds every answer score (they share the pass). The completion
+    log-probs are those of the sampler, ``softmax(logits / temperature)`` (the rollout temperature), which the
+    policy-gradient ratio needs; the step scores ``l_k`` are the model's own likelihoods (temperature 1), so a
+    run's process reward does not change with its sampling temperature."""
     if answer_score not in ANSWER_SCORES:
         raise ValueError(f"answer score must be one of {ANSWER_SCORES}, got {answer_score!r}")
     device = next(model.parameters()).device
@@ -345,26 +394,29 @@ def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob
     hidden = hidden.last_hidden_state
 
     # Gather every scored position of the micro-batch, then one chunked fp32 log-softmax.
-    src_rows, src_pos, tgts = [], [], []
-    for i, lay in enumerate(layouts):
-        for src, tgt in ((lay.completion_src, lay.completion_tgt), (lay.answer_src, lay.answer_tgt)):
-            src_rows.append(torch.full_like(src, i))
-            src_pos.append(src)
-            tgts.append(tgt)
-    flat_rows = torch.cat(src_rows).to(device)
-    flat_pos = torch.cat(src_pos).to(device)
-    lp = token_logprobs(model, hidden[flat_rows, flat_pos], torch.cat(tgts).to(device), logprob_chunk)
+    def gather(src_of, tgt_of) -> tuple[torch.Tensor, torch.Tensor]:
+        rows_, pos_ = zip(*[(torch.full_like(src_of(lay), i), src_of(lay)) for i, lay in enumerate(layouts)])
+        flat = hidden[torch.cat(rows_).to(device), torch.cat(pos_).to(device)]
+        return flat, torch.cat([tgt_of(lay) for lay in layouts]).to(device)
 
-    results, cursor = [], 0
+    # Every scored position of the micro-batch through one chunked fp32 log-softmax per kind: the completion
+    # tokens at the sampling temperature, the answer tokens at 1 with their most likely rival (``margin``).
+    comp_lp = token_logprobs(model, *gather(lambda lay: lay.completion_src, lambda lay: lay.completion_tgt),
+                             logprob_chunk, temperature=temperature)
+    ans_lp, ans_rival = token_logprobs(model, *gather(lambda lay: lay.answer_src, lambda lay: lay.answer_tgt),
+                                       logprob_chunk, rival=True)
+
+    results, c_cur, a_cur = [], 0, 0
     for row, lay in zip(rows, layouts):
-        comp = lp[cursor : cursor + lay.completion_src.numel()]
-        cursor += comp.numel()
-        ans = lp[cursor : cursor + lay.answer_tgt.numel()]
-        cursor += ans.numel()
+        comp = comp_lp[c_cur : c_cur + lay.completion_src.numel()]
+        c_cur += comp.numel()
+        n_ans = lay.answer_tgt.numel()
+        ans, rival = ans_lp[a_cur : a_cur + n_ans], ans_rival[a_cur : a_cur + n_ans]
+        a_cur += n_ans
         copy_idx, unit = lay.answer_copy.to(device), lay.answer_unit.to(device)
         by_score, best = {}, {}
         for mode in ANSWER_SCORES:
-            per_copy = answer_scores(ans, copy_idx, lay.n_copies, mode, unit)
+            per_copy = answer_scores(ans - rival if mode == "margin" else ans, copy_idx, lay.n_copies, mode, unit)
             by_score[mode] = per_copy.view(len(row.cuts), lay.n_variants)
             best[mode] = (by_score[mode].max(-1).values if lay.n_variants
                           else by_score[mode].new_zeros(len(row.cuts)))
@@ -394,9 +446,10 @@ def _scatter_images(image_token: int, embeds: torch.Tensor, ids: torch.Tensor, r
 
 def score_rows(model, rows: list[ScoreRow], probe_ids: torch.Tensor,
                max_tokens_per_batch: int = MigOptions.max_tokens_per_batch, logprob_chunk: int = LOGPROB_CHUNK,
-               answer_score: str = MigOptions.answer_score) -> list[RowScores]:
+               answer_score: str = MigOptions.answer_score, temperature: float = 1.0) -> list[RowScores]:
     """Score any number of rollouts, micro-batched so no pass exceeds ``max_tokens_per_batch`` (padded
-    rows x length, i.e. the attention mask is bounded by its square per row)."""
+    rows x length, i.e. the attention mask is bounded by its square per row). ``temperature``: of the
+    completion log-probs (``packed_forward``)."""
 
     def context(r: ScoreRow, k: int, j: int) -> int:
         ctx = r.l0_probes if k == 0 and r.l0_probes is not None else r.probes
@@ -413,7 +466,7 @@ def score_rows(model, rows: list[ScoreRow], probe_ids: torch.Tensor,
 
     def run(batch: list[int]) -> None:
         for j, s in zip(batch, packed_forward(model, [rows[j] for j in batch], probe_ids, logprob_chunk,
-                                              answer_score)):
+                                              answer_score, temperature)):
             out[j] = s
 
     for i in sorted(range(len(rows)), key=lambda j: lengths[j]):
@@ -587,9 +640,10 @@ def pad_logprobs(scores: list[RowScores], length: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_forced_logprobs(model, rollouts,
-                            max_tokens_per_batch: int = MigOptions.max_tokens_per_batch) -> torch.Tensor:
-    """``log pi_old`` of every completion token by a teacher-forced fp32 pass ([N, T], 0 on padding)."""
+def teacher_forced_logprobs(model, rollouts, max_tokens_per_batch: int = MigOptions.max_tokens_per_batch,
+                            temperature: float = 1.0) -> torch.Tensor:
+    """``log pi_old`` of every completion token by a teacher-forced fp32 pass ([N, T], 0 on padding), under the
+    sampling ``temperature``."""
     rows = rollout_rows(model, rollouts)
-    scores = score_rows(model, rows, EMPTY, max_tokens_per_batch)
+    scores = score_rows(model, rows, EMPTY, max_tokens_per_batch, temperature=temperature)
     return pad_logprobs(scores, rollouts.completion_ids.shape[1])

@@ -77,6 +77,7 @@ class RunLog:
                 if batch.l is not None and sp.think is not None:
                     rec["l"] = [round(float(x), 5) for x in batch.l[i, : sp.K + 1]]
                     rec["gains"] = [round(float(x), 5) for x in batch.gains[i, : sp.K]]
+                    rec["watermark"] = [round(float(x), 5) for x in batch.watermark[i, : sp.K + 1]]
                     if batch.l0_blind[i] is not None:
                         rec["visual_evidence_gain"] = round(float(batch.l[i, 0]) - batch.l0_blind[i], 5)
                 f.write(json.dumps(rec) + "\n")

@@ -27,13 +27,13 @@ from vlm_mig.mig import (
     MigOptions,
     ScoreRow,
     blind_l0,
+    credited_watermark,
     encode_answers,
     encode_probe,
     first_copy_rows,
     prompt_rows,
     score_rows,
     step_gains,
-    watermark,
 )
 from vlm_mig.processing import PromptTemplate, encode_prompts, tokenizer_of
 from vlm_mig.prompts import format_solution
@@ -137,8 +137,9 @@ def _row_output(s: Sample, row: ScoreRow, sp, sc, probe, cfg: ScoreConfig, expla
                 l0_no_image: float | None) -> dict:
     l = sc.l.float().cpu()
     K = l.numel() - 1
-    h = watermark(l, min_gain=cfg.min_gain) if K >= 0 else l
-    gains = step_gains(l, use_watermark=cfg.watermark, min_gain=cfg.min_gain) if K >= 1 else l.new_zeros(0)
+    h = credited_watermark(l, min_gain=cfg.min_gain, records=cfg.records) if K >= 0 else l
+    gains = (step_gains(l, use_watermark=cfg.watermark, min_gain=cfg.min_gain, records=cfg.records) if K >= 1
+             else l.new_zeros(0))
     rec: dict[str, Any] = {"id": s.id}
     rec.update(
         steps=sp.texts,

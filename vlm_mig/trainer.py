@@ -30,6 +30,7 @@ from vlm_mig.adapter import adapter_for
 from vlm_mig.config import Config, ConfigError, save_config
 from vlm_mig.data.schema import DataError, Sample
 from vlm_mig.data.sources import load_source
+from vlm_mig.data.teacher import imperfect_teacher
 from vlm_mig.mig import EMPTY, ScoreRow, encode_probe, packed_forward, pad_rows, prompt_rows
 from vlm_mig.models import load_model, load_processor, tiny_model_dir
 from vlm_mig.processing import PromptBatch, PromptTemplate, encode_prompts, tokenizer_of
@@ -65,19 +66,22 @@ class PolicyForward(nn.Module):
     """The model behind one ``nn.Module.forward``, so DDP/DeepSpeed see every training pass.
 
     ``forward(prompts, rows)`` computes the prompts' image features and the completion log-probs of
-    ``rows`` (``ScoreRow`` specs whose prompt fields are filled in here) in one packed pass.
+    ``rows`` (``ScoreRow`` specs whose prompt fields are filled in here) in one packed pass, under
+    ``softmax(logits / temperature)``: RL passes the rollout temperature, so the ratio compares the policy with
+    the distribution that sampled the rollouts; SFT uses 1.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, temperature: float = 1.0):
         super().__init__()
         self.model = model
+        self.temperature = temperature
 
     def forward(self, prompts, rows: list[dict[str, Any]]) -> list[torch.Tensor]:
         # ``prompts``: a PromptBatch, or its pieces already computed (``Trainer.sft_prompts``)
         pieces = prompts if isinstance(prompts, list) else prompt_rows(self.model, prompts)
         score = [ScoreRow(completion_ids=r["completion_ids"], cuts=[], variants=[], **pieces[r["prompt"]])
                  for r in rows]
-        return [s.completion_logprobs for s in packed_forward(self.model, score, EMPTY)]
+        return [s.completion_logprobs for s in packed_forward(self.model, score, EMPTY, temperature=self.temperature)]
 
 
 def _select(prompts: PromptBatch | list[dict[str, Any]], rows: list[int], device: torch.device):
@@ -153,8 +157,9 @@ class Trainer:
         self.deepspeed = self.acc.state.deepspeed_plugin is not None
         if self.deepspeed:
             self._configure_deepspeed()
-        self.policy, self.optimizer, self.scheduler = self.acc.prepare(PolicyForward(model), self.optimizer,
-                                                                       self.scheduler)
+        temperature = cfg.rollout.logprob_temperature if mode == "rl" else 1.0
+        self.policy, self.optimizer, self.scheduler = self.acc.prepare(PolicyForward(model, temperature),
+                                                                       self.optimizer, self.scheduler)
         self.step = 0
         if resume_from is not None:
             if self.deepspeed:
@@ -175,6 +180,7 @@ class Trainer:
                 model=self.model, processor=self.processor, template=self.template, mig=cfg.mig,
                 probe_ids=encode_probe(self.tok, cfg.mig.probe), step_scores=stages.needs_step_scores(cfg),
                 old_logprobs=cfg.trainer.num_iterations > 1, ref_model=ref_model,
+                temperature=cfg.rollout.logprob_temperature,
                 min_pixels=cfg.rollout.min_pixels, max_pixels=cfg.rollout.max_pixels)
         self.step_cfg = StepConfig.of(cfg.mig, atomic_pairs=self.adapter.atomic_pairs)
         self.reward_specs = self._reward_specs()
@@ -184,6 +190,12 @@ class Trainer:
             self.train_data = self._load_data(cfg.data.train, "train")
             self.val_data = (self._load_data(cfg.data.validation, "validation")
                              if cfg.data.validation and cfg.trainer.eval_steps else [])
+        if cfg.data.teacher_error_rate > 0:
+            if mode != "sft":
+                raise ConfigError("data.teacher_error_rate rewrites SFT targets (vlm-mig sft); RL rewards grade the "
+                                  "true answers, so it must be 0 in vlm-mig train")
+            self.train_data = imperfect_teacher(self.train_data, cfg.data.teacher_error_rate, cfg.data.teacher_seed,
+                                                cfg.data.teacher_slip)
         if mode == "sft":
             missing = [s.id for s in self.train_data if not s.gold_steps]
             if missing:

@@ -661,6 +661,36 @@ def check_claims(text: str, objects: list[dict[str, Any]]) -> tuple[int, int]:
     return len(claims), right
 
 
+_EQUATION = re.compile(r"(\d+(?:\s*[+-]\s*\d+)+)\s*=\s*(-?\d+)")
+#: What kind of mistake a wrong answer rests on (``error_kind``), in the order they are checked.
+ERROR_KINDS = ("format", "perception", "arithmetic", "logic")
+
+
+def equations(text: str) -> list[tuple[str, int, int]]:
+    """Every ``a + b - c = d`` a completion writes, as ``(left side, its value, the stated result)``."""
+    out = []
+    for m in _EQUATION.finditer(text):
+        terms = re.findall(r"([+-]?)\s*(\d+)", m.group(1))
+        value = sum(-int(n) if sign == "-" else int(n) for sign, n in terms)
+        out.append((m.group(1), value, int(m.group(2))))
+    return out
+
+
+def error_kind(text: str, extracted: str | None, formatted: bool, objects: list[dict[str, Any]]) -> str:
+    """Why a wrong answer is wrong, read against the scene JSON (``objects``): ``format`` (no tagged answer),
+    ``perception`` (a count it states contradicts the scene), ``arithmetic`` (its counts are right but an
+    equation it writes is not), else ``logic`` (right counts and sums, wrong conclusion: the wrong things
+    combined, or an answer the steps do not give)."""
+    if not formatted or extracted is None:
+        return "format"
+    stated, right = check_claims(text, objects)
+    if right < stated:
+        return "perception"
+    if any(value != result for _, value, result in equations(text)):
+        return "arithmetic"
+    return "logic"
+
+
 _LISTING = re.compile(r"^(I see \d+ [a-z ]+|Of these, \d+ (?:is|are) [a-z]+): .+\.$")
 
 

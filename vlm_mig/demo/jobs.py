@@ -1,9 +1,9 @@
 """The demo's training jobs, run in this process or side by side in fresh Python processes.
 
-A job is a JSON-able dict (``kind``: ``sft`` or ``rl``, its config file, its test sets, ...); its result is
-JSON too (credit-viewer cards as plain dicts), so nothing is ever unpickled between processes. A child runs as
-``python -m vlm_mig.demo.jobs JOB.json RESULT.json``, with its own progress line (tqdm reads
-``TQDM_POSITION``).
+A job is a JSON-able dict (``kind``: ``sft``, ``rl`` or ``headroom``, its config file, its test sets, ...); its
+result is JSON too (credit-viewer cards as plain dicts), so nothing is ever unpickled between processes. A child
+runs ``child_main(JOB.json, RESULT.json)`` (what ``python -m vlm_mig.demo.jobs JOB.json RESULT.json`` does), with
+its own progress line (tqdm reads ``TQDM_POSITION``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 from vlm_mig import report as rep
 from vlm_mig.demo.data import load, scene_objects
-from vlm_mig.demo.measure import credit_examples, evaluate_sets, strip_private
+from vlm_mig.demo.measure import credit_examples, evaluate_sets, headroom_of, strip_private, weight_movement
 
 
 def _trained(config_path: str, mode: str):
@@ -44,14 +44,42 @@ def _sets(job: dict[str, Any]) -> tuple[dict[str, list], dict[str, dict[str, lis
     return sets, objects
 
 
+def run_headroom(job: dict[str, Any]) -> dict[str, Any]:
+    """The headroom of a start (``job["config"]``: an RL recipe from it; nothing is trained): its samples on the
+    ID set beside its greedy answers (``job["greedy"]``: the graded records of its evaluation), and the gradient
+    signal-to-noise of one RL step."""
+    from vlm_mig.config import load_config
+    from vlm_mig.evaluation import SampleRecord
+    from vlm_mig.rl.signal import gradient_signal
+    from vlm_mig.trainer import Trainer
+
+    sets, objects = _sets(job)
+    trainer = Trainer(load_config(job["config"]), mode="rl")
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    signal = gradient_signal(trainer)
+    times["gradient signal"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    greedy = [SampleRecord.from_json(json.loads(line)) for line in Path(job["greedy"]).read_text().splitlines()]
+    r = trainer.cfg.rollout
+    table = headroom_of(trainer.model, trainer.processor, trainer.template, sets["id"], objects["id"],
+                        trainer.train_data, samples_k=job["samples_k"], temperature=r.temperature, top_p=r.top_p,
+                        max_new_tokens=r.max_new_tokens, batch_size=job["eval_batch"], greedy=greedy)
+    times["samples"] = time.perf_counter() - t0
+    return {"headroom": {**table, "signal": signal}, "times": times, "viewer": {}}
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Train (SFT or RL), evaluate on the job's sets, and score the completions the credit viewer shows."""
+    """Train (SFT or RL), evaluate on the job's sets, and score the completions the credit viewer shows; or
+    measure a start's headroom (kind ``headroom``)."""
     import torch
     from transformers.utils import logging as hf_logging
 
     if job["threads"]:
         torch.set_num_threads(job["threads"])
     hf_logging.disable_progress_bar()
+    if job["kind"] == "headroom":
+        return run_headroom(job)
     sets, objects = _sets(job)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -61,6 +89,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     ev = evaluate_sets(trainer.model, trainer.processor, trainer.template, job["label"], sets, objects,
                        job["max_new_tokens"], job["eval_batch"], Path(job["out"]))
     times["eval"] = time.perf_counter() - t0
+    weights = weight_movement(trainer.model, Path(job["start"])) if job.get("start") else None
     viewer: dict[str, list[rep.CreditExample]] = {}
     if job["viewer_examples"]:
         t0 = time.perf_counter()
@@ -80,7 +109,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                 [f"gold solution · {s.id} ({s.meta.get('num_objects', '?')} objects), scored by {job['who']}"
                  for s in gold])
         times["steps.html scoring"] = time.perf_counter() - t0
-    return {"ev": strip_private(ev), "viewer": viewer, "times": times}
+    return {"ev": strip_private(ev), "viewer": viewer, "times": times, "weights": weights}
 
 
 def _title(who: str, s) -> str:
@@ -110,6 +139,9 @@ def child_main(job_path: str, result_path: str) -> int:
     return code
 
 
+_CHILD = "import sys; from vlm_mig.demo.jobs import child_main; sys.exit(child_main(sys.argv[1], sys.argv[2]))"
+
+
 def run_jobs(jobs: list[dict[str, Any]], parallel: bool) -> list[dict[str, Any]]:
     """Run the jobs here one after the other, or side by side, each in a fresh Python process with its own
     progress line. Ctrl-C or SIGTERM stops the processes this call started."""
@@ -131,8 +163,8 @@ def run_jobs(jobs: list[dict[str, Any]], parallel: bool) -> list[dict[str, Any]]
             job_path.write_text(json.dumps(job))
             result_path.unlink(missing_ok=True)
             env = {**os.environ, "TQDM_POSITION": str(pos), "PYTHONUNBUFFERED": "1"}
-            procs.append(subprocess.Popen([sys.executable, "-m", "vlm_mig.demo.jobs", str(job_path),
-                                           str(result_path)], env=env))
+            # Not ``-m vlm_mig.demo.jobs``: the package imports this module first, and runpy warns about it.
+            procs.append(subprocess.Popen([sys.executable, "-c", _CHILD, str(job_path), str(result_path)], env=env))
             paths.append((job_path, result_path))
         for proc in procs:
             proc.wait()

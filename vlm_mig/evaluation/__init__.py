@@ -15,7 +15,8 @@ Three layers, each usable on its own:
 * :func:`add_eval_command`: the ``vlm-mig eval`` subcommand.
 
 Decoding: one greedy completion per item by default (pass@1 = accuracy). With ``samples=K > 1`` it
-samples K completions per item (temperature 0.6, top-p 0.95 unless set), each from its own seeded
+samples K completions per item (at the checkpoint's rollout temperature and top-p when its
+``run_config.json`` has them, else temperature 0.6, top-p 0.95, unless set), each from its own seeded
 stream (``vlm_mig.rollout.sampling``, seeded by run seed, benchmark and item id), so a resumed run
 redraws what it lost instead of other samples; pass@k uses the unbiased estimator of Chen et al.
 (2021), ``1 - C(n-c, k) / C(n, k)``, averaged over items.

@@ -16,6 +16,7 @@ from vlm_mig.evaluation.options import (
     SAMPLING_TEMPERATURE,
     SAMPLING_TOP_P,
     EvalOptions,
+    sampling_from_run_config,
     template_from_run_config,
 )
 from vlm_mig.evaluation.records import GRADERS
@@ -44,8 +45,10 @@ def add_eval_command(subparsers: Any) -> None:
     p.add_argument("--limit", type=int, help="first N items of each benchmark")
     p.add_argument("--samples", type=int, help="K completions per item (default 1: greedy); K > 1 reports pass@k")
     p.add_argument("--temperature", type=float,
-                   help=f"sampling temperature (default 0 for K = 1, {SAMPLING_TEMPERATURE} for K > 1)")
-    p.add_argument("--top-p", type=float, help=f"nucleus threshold (default 1 greedy, {SAMPLING_TOP_P} sampling)")
+                   help="sampling temperature (default 0 for K = 1; for K > 1 the checkpoint's rollout temperature "
+                        f"from its run_config.json, else {SAMPLING_TEMPERATURE})")
+    p.add_argument("--top-p", type=float, help="nucleus threshold (default 1 greedy; sampling: the checkpoint's "
+                   f"rollout top-p, else {SAMPLING_TOP_P})")
     p.add_argument("--max-new-tokens", type=int, help=f"completion budget (default {EvalOptions.max_new_tokens})")
     p.add_argument("--batch-size", type=int, help=f"prompts per generate call (default {EvalOptions.batch_size})")
     p.add_argument("--seed", type=int, help=f"sampling seed (default {EvalOptions.seed})")
@@ -97,7 +100,9 @@ def _eval_command(args: argparse.Namespace) -> int:
     else:
         model, processor, model_label = _load(args)
         if Path(args.model).is_dir():
-            base = dataclasses.replace(base, template=template_from_run_config(args.model))
+            # The checkpoint's own prompt, and for K > 1 samples its rollout temperature and top-p (flags win).
+            base = dataclasses.replace(base, template=template_from_run_config(args.model),
+                                       **sampling_from_run_config(args.model))
     out = Path(args.out) if args.out else Path("eval_out") / Path(model_label).name / suite.name
     t0 = time.perf_counter()
     result = run_suite(

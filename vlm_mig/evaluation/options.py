@@ -93,6 +93,23 @@ def describe_template(template: PromptTemplate) -> dict[str, Any]:
     return {"name": name, "system_prompt": template.system_prompt, "question_suffix": template.question_suffix}
 
 
+def sampling_from_run_config(model_dir: str | os.PathLike) -> dict[str, float]:
+    """The rollout temperature and top-p a checkpoint was trained (or would be RL-trained) with, from its
+    ``run_config.json`` (``rollout.temperature``, ``rollout.top_p``), as ``EvalOptions`` fields
+    (``sampling_temperature``, ``sampling_top_p``); empty when there is none or the rollouts were greedy."""
+    path = Path(model_dir) / "run_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        rollout = json.loads(path.read_text()).get("rollout") or {}
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise DataError(f"{path}: cannot read the training config: {e}") from None
+    t, p = rollout.get("temperature"), rollout.get("top_p")
+    if not isinstance(t, (int, float)) or t <= 0:
+        return {}
+    return {"sampling_temperature": float(t), **({"sampling_top_p": float(p)} if isinstance(p, (int, float)) else {})}
+
+
 def template_from_run_config(model_dir: str | os.PathLike) -> PromptTemplate | None:
     """The prompt a checkpoint was trained with, from the ``run_config.json`` the trainer saves next to
     the weights (``data.system_prompt`` / ``data.question_suffix``); None when there is none.
@@ -119,14 +136,25 @@ class EvalOptions:
     """Per-benchmark evaluation options (suite ``defaults``, a benchmark entry and CLI flags set them)."""
 
     samples: int = 1  #: K completions per item (1: greedy pass@1)
-    temperature: float | None = None  #: None: 0 for K = 1, SAMPLING_TEMPERATURE for K > 1
-    top_p: float | None = None  #: None: 1 for greedy, SAMPLING_TOP_P for sampling
+    temperature: float | None = None  #: None: 0 for K = 1, ``sampling_temperature`` for K > 1
+    top_p: float | None = None  #: None: 1 for greedy, ``sampling_top_p`` for sampling
+    #: K > 1 without a temperature samples at this: a checkpoint's rollout temperature when its run_config.json
+    #: has one (``vlm-mig eval``), else SAMPLING_TEMPERATURE
+    sampling_temperature: float = SAMPLING_TEMPERATURE
+    sampling_top_p: float = SAMPLING_TOP_P  #: the nucleus threshold that goes with ``sampling_temperature``
     max_new_tokens: int = RolloutConfig.max_new_tokens  #: completion budget (SPEC's max completion)
     batch_size: int = 16  #: prompts per generate call (each with K completions)
     limit: int | None = None  #: first N items of each benchmark
     seed: int = 0  #: sampling seed (each item's stream derives from it, its benchmark and id)
     extraction: str = "strict"  #: strict (tagged answers only, as the training reward) | fallback
     template: PromptTemplate | None = None  #: None: the model's training prompt if saved, else PromptTemplate()
+
+    def decoding(self) -> tuple[float | None, float | None]:
+        """``(temperature, top_p)`` to generate with: as set, or for K > 1 without a temperature the sampling
+        defaults (``Decoding.resolve`` fills what stays None)."""
+        if self.samples > 1 and self.temperature is None:
+            return self.sampling_temperature, self.sampling_top_p if self.top_p is None else self.top_p
+        return self.temperature, self.top_p
 
     def updated(self, changes: dict[str, Any], where: str) -> EvalOptions:
         """A copy with ``changes`` applied; unknown keys and bad values are errors naming ``where``."""

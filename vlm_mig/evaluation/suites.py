@@ -149,10 +149,11 @@ def run_suite(
             if gold:
                 res = grade_completions(spec, limit=opts.limit, cache_dir=cache_dir, tokenizer=processor, store=store)
             else:
+                temperature, top_p = opts.decoding()
                 res = evaluate(
                     model, processor, spec,
                     samples_k=opts.samples, limit=opts.limit, batch_size=opts.batch_size,
-                    max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p,
+                    max_new_tokens=opts.max_new_tokens, temperature=temperature, top_p=top_p,
                     template=opts.template, extraction=opts.extraction, seed=opts.seed,
                     progress=progress, cache_dir=cache_dir, store=store, model_name=name,
                 )  # fmt: skip

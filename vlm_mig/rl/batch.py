@@ -34,6 +34,7 @@ class RLBatch:
 
     l: torch.Tensor | None = None  #: score: [N, K_max + 1] l_0..l_K, 0 past each row's K (None: not scored)
     gains: torch.Tensor | None = None  #: score: [N, K_max] g_1..g_K ([N, 0] when not scored)
+    watermark: torch.Tensor | None = None  #: score: [N, K_max + 1] the watermark the gains were read from
     r_proc: torch.Tensor | None = None  #: score: [N] R_proc (0 when not scored)
     l0_blind: list[float | None] = field(default_factory=list)  #: score: l_0 with the images removed (None: not)
     old_logp: torch.Tensor | None = None  #: score: [N, T] log pi_old (None: the update's own detached pass)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vlm_mig.advantages import within_group_credit
+from vlm_mig.advantages import equal_outcome_share, within_group_credit
 from vlm_mig.rl.batch import RLBatch
 from vlm_mig.rl.stages import Update
 
@@ -29,6 +29,9 @@ def step_metrics(batch: RLBatch, upd: Update, times: dict[str, float], lr: float
         "adv/zero_std_proc": adv.zero_std_proc,
         "adv/below_min_spread": adv.below_min_spread,
         "adv/proc_abs_mean": float(adv.seq_proc.abs().mean()),
+        "adv/process_scale": adv.process_scale,
+        # The part of the process advantage in groups where every outcome is equal (GRPO has no gradient there).
+        "adv/proc_share_equal_outcome": equal_outcome_share(batch.r_out, adv.tok_proc, batch.group_size),
         "length/completion": float(batch.rollouts.completion_lengths.float().mean()),
         "length/cot": float(batch.m_cot.sum(-1).float().mean()),
         "optim/grad_norm": upd.grad_norm,

@@ -22,13 +22,25 @@ from vlm_mig.advantages import (
     compute_advantages,
     group_normalize,
     process_token_mask,
+    scale_sums,
+    scale_to_match,
     step_normalize,
     token_advantages,
 )
 from vlm_mig.config import Config, MigConfig
 from vlm_mig.data.schema import Sample
 from vlm_mig.losses import Denominators, LossConfig, sft_gate, total_loss
-from vlm_mig.mig import EMPTY, blind_l0, encode_answers, pad_logprobs, pad_scores, rollout_rows, score_rows, step_gains
+from vlm_mig.mig import (
+    EMPTY,
+    blind_l0,
+    credited_watermark,
+    encode_answers,
+    pad_logprobs,
+    pad_scores,
+    rollout_rows,
+    score_rows,
+    step_gains,
+)
 from vlm_mig.processing import PromptTemplate, is_processor, tokenizer_of
 from vlm_mig.rewards import RewardSpec, compute_rewards
 from vlm_mig.rl.batch import RLBatch
@@ -75,6 +87,7 @@ class Scorer:
     ref_model: nn.Module | None = None  #: pi_ref, when the loss has a KL term
     min_pixels: int | None = None  #: image sizing of the rollouts (for the prompts without images)
     max_pixels: int | None = None
+    temperature: float = 1.0  #: the rollouts' sampling temperature: old and reference log-probs are taken at it
 
 
 def needs_step_scores(cfg: Config) -> bool:
@@ -100,7 +113,8 @@ def score(batch: RLBatch, scorer: Scorer) -> None:
             per_group = [encode_answers(tok, s.variants, m.probe, m.opener) for s in r.samples]
             answers = [per_group[int(g)] for g in r.group]
         rows = rollout_rows(scorer.model, r, cuts, answers)
-        scores = score_rows(scorer.model, rows, scorer.probe_ids, m.max_tokens_per_batch, answer_score=m.answer_score)
+        scores = score_rows(scorer.model, rows, scorer.probe_ids, m.max_tokens_per_batch, answer_score=m.answer_score,
+                            temperature=scorer.temperature)
         if m.visual_evidence and is_processor(scorer.processor):
             batch.l0_blind = blind_l0(scorer.model, scorer.processor, r.samples, rows, scorer.probe_ids,
                                       scorer.template, row_sample=[int(g) for g in r.group],
@@ -108,18 +122,21 @@ def score(batch: RLBatch, scorer: Scorer) -> None:
                                       min_pixels=scorer.min_pixels, max_pixels=scorer.max_pixels)
         if scorer.step_scores:
             batch.l, valid = pad_scores(scores)
-            batch.gains = step_gains(batch.l, valid, use_watermark=m.watermark, min_gain=m.min_gain)
+            batch.gains = step_gains(batch.l, valid, use_watermark=m.watermark, min_gain=m.min_gain, records=m.records)
+            batch.watermark = credited_watermark(batch.l, valid, m.min_gain, m.records) if m.watermark else batch.l
             batch.r_proc = batch.gains.sum(-1)
         if scorer.old_logprobs:
             batch.old_logp = pad_logprobs(scores, T)
     if scorer.ref_model is not None:
-        ref = score_rows(scorer.ref_model, rollout_rows(scorer.ref_model, r), EMPTY, m.max_tokens_per_batch)
+        ref = score_rows(scorer.ref_model, rollout_rows(scorer.ref_model, r), EMPTY, m.max_tokens_per_batch,
+                         temperature=scorer.temperature)
         batch.ref_logp = pad_logprobs(ref, T)
 
 
 def advantages(batch: RLBatch, cfg: AdvantageConfig, min_spread: float, dist: Collective) -> None:
     """Fills ``adv`` and ``m_proc`` (SPEC section 4). Group statistics are local (groups never cross processes);
-    ``scale: batch`` divides by the std of the global batch, gathered from every process."""
+    ``scale: batch`` divides by the std of the global batch, gathered from every process; ``process_scale:
+    match_outcome`` rescales the process advantage by a factor from sums over the global batch."""
     G = batch.group_size
     batch.m_proc = process_token_mask(batch.m_full, batch.m_cot, cfg.process_mask)
     step: dict[str, torch.Tensor] = {}
@@ -129,8 +146,21 @@ def advantages(batch: RLBatch, cfg: AdvantageConfig, min_spread: float, dist: Co
     adv = compute_advantages(batch.r_out, batch.r_proc, batch.m_full, batch.m_cot, G, cfg, min_spread=min_spread,
                              **step)
     batch.adv = adv
-    if dist.num_processes == 1 or cfg.scale != "batch":
-        return
+    if dist.num_processes > 1 and cfg.scale == "batch":
+        _batch_scale(batch, cfg, min_spread, dist, step)
+    if cfg.process_scale == "match_outcome":
+        sums = sum_over_processes(dist, [*scale_sums(adv.tok_out, batch.m_full),
+                                         *scale_sums(adv.tok_proc, batch.m_proc)])
+        factor = scale_to_match((sums[0], sums[1]), (sums[2], sums[3]))
+        adv.tok_proc = adv.tok_proc * factor
+        adv.seq_proc = adv.seq_proc * factor
+        adv.process_scale = factor
+
+
+def _batch_scale(batch: RLBatch, cfg: AdvantageConfig, min_spread: float, dist: Collective,
+                 step: dict[str, torch.Tensor]) -> None:
+    """``scale: batch`` over several processes: the advantages normalised by the std of the global batch."""
+    adv, G = batch.adv, batch.group_size
     # Normalise the gathered values, keep this process's rows.
     mine = own_rows(dist, batch.n)
     adv.seq_out = group_normalize(gather_rows(dist, batch.r_out), G, scale="batch", eps=cfg.eps)[mine]

@@ -49,6 +49,12 @@ class RolloutConfig:
     def __post_init__(self):
         check_fields(self)
 
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature the policy's log-probs of its rollouts are computed at (the PPO ratio, old, reference
+        and SFT-term log-probs): the sampling temperature, or 1 for greedy rollouts."""
+        return self.temperature if self.temperature > 0 else 1.0
+
 
 @dataclass
 class Rollouts:

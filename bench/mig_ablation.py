@@ -1,0 +1,119 @@
+"""MIG variants against the GRPO runs of a finished demo: same SFT start, seeds, data order and budget.
+
+Each variant is the demo's MIG recipe (``configs/mig-seed<s>.yaml``) with config overrides, e.g. the process
+weight ``loss.alpha`` or ``advantage.process_scale=match_outcome`` (the process advantage rescaled to the outcome
+advantage's root mean square). Every run is evaluated greedily on the demo's ID and OOD sets, and paired with the
+demo's GRPO and MIG runs of the same seed (a two-level bootstrap over seeds and items). Also reported: the part of
+the process advantage that sits in groups whose outcomes are all equal (``adv/proc_share_equal_outcome``: where
+GRPO has no gradient) and the sampled training accuracy at the start and the end.
+
+    python bench/mig_ablation.py --demo out/demo5 --seeds 3 \\
+        --variant alpha0.5:loss.alpha=0.5 --variant matched:advantage.process_scale=match_outcome [--json out.json]
+
+Runs go to ``<demo>/runs/ablation/<variant>-seed<s>``, two side by side (one torch thread each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--demo", required=True, help="a finished `vlm-mig demo --out` folder")
+    ap.add_argument("--seeds", type=int, default=3, help="RL seeds 0..N-1 (the demo must have run them)")
+    ap.add_argument("--variant", action="append", required=True,
+                    help="NAME:key=value[,key=value...] overrides of the demo's MIG recipe")
+    ap.add_argument("--serial", action="store_true", help="one run at a time (default: two side by side)")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+
+    import yaml
+
+    from vlm_mig import report as rep
+    from vlm_mig.config import merge_dicts
+    from vlm_mig.demo.jobs import run_jobs
+    from vlm_mig.demo.measure import credit_over_training, paired_difference, training_trend
+    from vlm_mig.demo.plan import DemoPlan, write_recipe
+    from vlm_mig.demo.run import _job
+
+    demo = Path(args.demo)
+    full = json.loads((demo / "results.json").read_text())
+    plan = DemoPlan(**full["plan"])
+    if args.seeds > len(full["results"]["grpo"]):
+        sys.exit(f"{demo} ran {len(full['results']['grpo'])} seed(s); --seeds {args.seeds} needs as many")
+    sets = {"id": Path(full["data"]["test_id"]), "ood": Path(full["data"]["test_ood"])}
+    variants = []
+    for spec in args.variant:
+        name, _, overrides = spec.partition(":")
+        changes: dict = {}
+        for kv in filter(None, overrides.split(",")):
+            key, _, value = kv.partition("=")
+            section, _, field = key.partition(".")
+            changes = merge_dicts(changes, {section: {field: yaml.safe_load(value)}})
+        variants.append((name, changes))
+    t0 = time.perf_counter()
+    jobs = []
+    for name, changes in variants:
+        for seed in range(args.seeds):
+            label = f"{name}-seed{seed}"
+            run_dir = demo / "runs" / "ablation" / label
+            recipe = merge_dicts(yaml.safe_load((demo / "configs" / f"mig-seed{seed}.yaml").read_text()), changes)
+            recipe["trainer"].update(output_dir=str(run_dir), progress_desc=label)
+            cfg = demo / "configs" / "ablation" / f"{label}.yaml"
+            write_recipe(recipe, cfg, f"MIG variant {name} of {demo}, seed {seed}: {changes}")
+            jobs.append(_job("rl", label, cfg, run_dir, sets, plan, demo / "ablation", 1, name, viewer=False,
+                             start=full["sft_checkpoint"]))
+    side = 1 if args.serial else 2  # as the demo runs its phases: two processes at a time
+    results = [r for i in range(0, len(jobs), side) for r in run_jobs(jobs[i : i + side], parallel=side > 1)]
+    out: dict = {"demo": str(demo), "seeds": args.seeds, "variants": {}}
+    base = {m: full["results"][m][: args.seeds] for m in ("grpo", "mig")}
+    for name, changes in variants:
+        runs = [res for job, res in zip(jobs, results) if job["label"].rsplit("-seed", 1)[0] == name]
+        metrics = [rep.read_jsonl(demo / "runs" / "ablation" / f"{name}-seed{s}" / "metrics.jsonl")
+                   for s in range(args.seeds)]
+        share = [(credit_over_training(rows) or {}).get("proc_share_equal_outcome") for rows in metrics]
+        v = {"overrides": changes,
+             "accuracy": {s: [r["ev"][s]["accuracy"] for r in runs] for s in sets},
+             "weights": [r["weights"]["relative_change"] for r in runs if r.get("weights")],
+             "proc_share_equal_outcome": share,
+             "training_accuracy": training_trend({"v": metrics}, plan.smooth_window)["v"]}
+        for other in ("grpo", "mig"):
+            v[f"minus_{other}"] = {s: paired_difference([r[s]["correct"] for r in base[other]],
+                                                        [r["ev"][s]["correct"] for r in runs], plan.bootstrap)
+                                   for s in sets}
+        out["variants"][name] = v
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+
+    def pts(d: dict) -> str:
+        return f"{100 * d['mean']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"
+
+    rows = []
+    for m in ("grpo", "mig"):
+        rows.append([f"demo {m.upper()}", *[rep.fmt_pct([r[s]["accuracy"] for r in base[m]]) for s in sets],
+                     "–", "–", "–"])
+    for name, v in out["variants"].items():
+        shares = [x for x in v["proc_share_equal_outcome"] if x is not None]
+        rows.append([name, *[rep.fmt_pct(v["accuracy"][s]) for s in sets], *[pts(v["minus_grpo"][s]) for s in sets],
+                     f"{100 * statistics.fmean(shares):.0f}%" if shares else "–"])
+    print(rep.markdown_table(["run", "ID accuracy", "OOD accuracy", "ID minus GRPO [95%, seeds x items]",
+                              "OOD minus GRPO", "process advantage in equal-outcome groups"], rows))
+    print(f"\n{out['seconds']} s")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
