@@ -1,9 +1,11 @@
-"""Shared helpers for the benchmark scripts: timing and synthetic step-structured completions."""
+"""Shared helpers for the benchmark scripts: timing, synthetic step-structured completions, result files."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -36,3 +38,10 @@ def step_completion(tok, k: int, seed: int, answer: str) -> tuple[torch.Tensor, 
         if j <= k:
             cuts.append(len(ids))
     return torch.tensor(ids), cuts
+
+
+def write_json(path: str | None, data: dict) -> None:
+    """Write a bench's results to ``path`` (its folder made), if one was given."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=1) + "\n")

@@ -27,6 +27,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from _common import write_json  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -109,9 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     print(rep.markdown_table(["run", "ID accuracy", "OOD accuracy", "ID minus GRPO [95%, seeds x items]",
                               "OOD minus GRPO", "process advantage in equal-outcome groups"], rows))
     print(f"\n{out['seconds']} s")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    write_json(args.json, out)
     return 0
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import re
 import statistics
@@ -46,6 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _common import write_json  # noqa: E402
 
 VARIANTS = [("mean", "all"), ("mean", "kept"), ("margin", "all"), ("margin", "kept"), ("mean", "raw")]
 _HEADER = re.compile(r"### Step \d+:")
@@ -218,9 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         if "last_step" in v:
             print(f"  {name}: " + "; ".join(f"off {off} ({d['n']}): g {d['gain']:.3f}, raw {d['raw']:+.3f}, "
                                           f"{d['share_gain_positive']:.2f}" for off, d in v["last_step"].items()))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    write_json(args.json, out)
     return 0
 
 

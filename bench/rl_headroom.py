@@ -23,7 +23,6 @@ Deterministic for a config and thread count (one thread by default).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -34,6 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _common import write_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(signal_table({"this start": out["signal"]}))
     print(f"\n{out['seconds']} s")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    write_json(args.json, out)
     return 0
 
 
