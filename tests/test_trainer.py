@@ -106,6 +106,7 @@ def test_teacher_errors_rewrite_sft_targets_and_are_refused_in_rl(tiny_vl_dir, t
     with pytest.raises(ConfigError, match="teacher_error_rate"):
         Trainer(load_config(None, _rl_overrides(tiny_vl_dir, tmp_path / "rl", 1, **{
             "data.teacher_error_rate": 0.5})), mode="rl")
+    assert not (tmp_path / "rl").exists()  # refused before the run folder was made
 
 
 @pytest.mark.parametrize("variant", ["mig", "grpo"])

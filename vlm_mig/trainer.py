@@ -113,6 +113,9 @@ class Trainer:
 
         if mode not in ("rl", "sft"):
             raise ValueError(f"mode must be rl or sft, got {mode!r}")
+        if mode == "rl" and cfg.data.teacher_error_rate > 0:  # before anything is loaded or written
+            raise ConfigError("data.teacher_error_rate rewrites SFT targets (vlm-mig sft); RL rewards grade the "
+                              "true answers, so it must be 0 in vlm-mig train")
         self.cfg, self.mode = cfg, mode
         t = cfg.trainer
         if t.threads:
@@ -191,9 +194,6 @@ class Trainer:
             self.val_data = (self._load_data(cfg.data.validation, "validation")
                              if cfg.data.validation and cfg.trainer.eval_steps else [])
         if cfg.data.teacher_error_rate > 0:
-            if mode != "sft":
-                raise ConfigError("data.teacher_error_rate rewrites SFT targets (vlm-mig sft); RL rewards grade the "
-                                  "true answers, so it must be 0 in vlm-mig train")
             self.train_data = imperfect_teacher(self.train_data, cfg.data.teacher_error_rate, cfg.data.teacher_seed,
                                                 cfg.data.teacher_slip)
         if mode == "sft":
