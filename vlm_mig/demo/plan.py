@@ -94,12 +94,14 @@ _QUICK_SIZES = dict(
     rl_steps=4, prompts_per_step=2, generations=4, max_new_tokens=48, rl_lr=1e-4, eval_every=2,
     sample_log_steps=1, smooth_window=2, viewer_examples=2, headroom_samples=4, eval_batch=24, bootstrap=200,
 )  # fmt: skip
-QUICK = replace(TEACHER, name="teacher-quick", **_QUICK_SIZES)
 
 
 def quick_of(plan: DemoPlan) -> DemoPlan:
     """``plan``'s testbed at toy sizes."""
     return replace(plan, name=f"{plan.name}-quick", **_QUICK_SIZES)
+
+
+QUICK = quick_of(DEFAULT)
 
 
 def _common(plan: DemoPlan, train: Path, threads: int | None, report_to: list[str]) -> dict[str, Any]:
