@@ -182,11 +182,33 @@ def test_unknown_key_in_a_file_names_the_file_and_the_key(tmp_path):
     ("mig.min_spread=-1", "mig.min_spread", ">= 0"),
     ("advantage.process_mask=all", "advantage.process_mask", "cot, full"),
     ("loss.sft_gates=structural", "loss.sft_gates", "both, format, accuracy"),
+    ("mig.records=some", "mig.records", "all, kept"),
+    ("advantage.process_scale=double", "advantage.process_scale", "none, match_outcome"),
+    ("data.teacher_error_rate=1.5", "data.teacher_error_rate", "in [0, 1]"),
+    # non-finite numbers (YAML .inf / .nan) are never a setting, bounded or not
+    ("optim.lr=.inf", "optim.lr", "finite"),
+    ("optim.lr=.nan", "optim.lr", "finite"),
+    ("loss.alpha=.nan", "loss.alpha", "finite"),
+    ("rollout.temperature=-.inf", "rollout.temperature", "finite"),
+    ("loss.gamma=-0.5", "loss.gamma", ">= 0"),
 ])
 def test_invalid_values_name_the_key(override, key, words):
     err = _error(overrides=[override])
     assert err.startswith(f"{key}:"), err
     assert words in err, err
+
+
+def test_non_finite_values_in_yaml_are_refused(tmp_path):
+    path = _write(tmp_path, "optim:\n  lr: .inf\nloss:\n  alpha: .nan\n")
+    err = _error(path)
+    assert str(path) in err and "optim.lr" in err and "finite" in err, err
+    from vlm_mig.fields import Bounds
+
+    assert not Bounds(lo=0).admits(float("nan")) and not Bounds(lo=0).admits(float("inf"))
+    with pytest.raises(ValueError, match="alpha"):
+        from vlm_mig.losses import LossConfig
+
+        LossConfig(alpha=float("nan"))
 
 
 def test_undecoupled_masks_need_trajectory_credit():

@@ -86,7 +86,7 @@ def test_the_ratio_is_taken_at_the_rollout_temperature(sft_vl_dir, tmp_path):
     assert row["loss/ratio_max"] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_teacher_errors_rewrite_sft_targets_and_are_refused_in_rl(tiny_vl_dir, tmp_path):
+def test_teacher_errors_rewrite_sft_targets_and_rl_refuses_them_and_single_rollout_groups(tiny_vl_dir, tmp_path):
     """``data.teacher_error_rate`` rewrites the SFT targets only: RL rewards grade the true answers."""
     from vlm_mig.data.teacher import slip_result
 
@@ -107,6 +107,10 @@ def test_teacher_errors_rewrite_sft_targets_and_are_refused_in_rl(tiny_vl_dir, t
         Trainer(load_config(None, _rl_overrides(tiny_vl_dir, tmp_path / "rl", 1, **{
             "data.teacher_error_rate": 0.5})), mode="rl")
     assert not (tmp_path / "rl").exists()  # refused before the run folder was made
+    with pytest.raises(ConfigError, match="rollout.num_generations: RL needs groups of at least 2"):
+        Trainer(load_config(None, _rl_overrides(tiny_vl_dir, tmp_path / "g1", 1, **{
+            "rollout.num_generations": 1})), mode="rl")
+    assert not (tmp_path / "g1").exists()
 
 
 @pytest.mark.parametrize("variant", ["mig", "grpo"])

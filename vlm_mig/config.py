@@ -246,6 +246,8 @@ def _check_value(value: Any, tp: Any, key: str, meta: Any = types.MappingProxyTy
                 value = number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML reads .inf and .nan; no setting means either
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return _check_allowed(float(value), key, meta)
     if tp is str:
         if not isinstance(value, str):

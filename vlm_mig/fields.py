@@ -10,6 +10,7 @@ key); ``check_fields`` validates a whole instance, for dataclasses that are also
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING
 from typing import Any
@@ -25,15 +26,17 @@ class Bounds:
     hi_open: bool = False
 
     def admits(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):  # NaN compares false with every bound
+            return False
         if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
             return False
         return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
 
     def __str__(self) -> str:
         if self.hi is None:
-            return f"{'>' if self.lo_open else '>='} {self.lo}"
+            return f"a finite number {'>' if self.lo_open else '>='} {self.lo}"
         if self.lo is None:
-            return f"{'<' if self.hi_open else '<='} {self.hi}"
+            return f"a finite number {'<' if self.hi_open else '<='} {self.hi}"
         return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
 
 

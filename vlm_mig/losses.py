@@ -61,9 +61,9 @@ LOG_RATIO_CLAMP = 20.0
 class LossConfig:
     """Weights and options of L_total (SPEC section 5); the trainer's config embeds this."""
 
-    alpha: float = 1.0  #: weight of the process term PG(A_proc, M_cot); 0 for the GRPO baseline
-    beta: float = 1.0  #: weight of the outcome term PG(A_out, M_full)
-    gamma: float = 0.1  #: weight of the dual-gated SFT term; 0 for the GRPO baseline
+    alpha: float = bounded(1.0, ge=0)  #: weight of the process term PG(A_proc, M_cot); 0 for the GRPO baseline
+    beta: float = bounded(1.0, ge=0)  #: weight of the outcome term PG(A_out, M_full)
+    gamma: float = bounded(0.1, ge=0)  #: weight of the dual-gated SFT term; 0 for the GRPO baseline
     kl_coef: float = bounded(0.04, ge=0)  #: weight of KL(pi_theta || pi_ref) (k3); 0 disables the reference model
     eps_clip: float = bounded(0.2, ge=0, lt=1)  #: PPO clip range: r is clipped to [1 - eps_clip, 1 + eps_clip_high]
     eps_clip_high: float | None = bounded(None, ge=0)  #: upper clip (DAPO "clip-higher"); None means eps_clip

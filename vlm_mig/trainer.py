@@ -113,9 +113,13 @@ class Trainer:
 
         if mode not in ("rl", "sft"):
             raise ValueError(f"mode must be rl or sft, got {mode!r}")
-        if mode == "rl" and cfg.data.teacher_error_rate > 0:  # before anything is loaded or written
-            raise ConfigError("data.teacher_error_rate rewrites SFT targets (vlm-mig sft); RL rewards grade the "
-                              "true answers, so it must be 0 in vlm-mig train")
+        if mode == "rl":  # before anything is loaded or written
+            if cfg.data.teacher_error_rate > 0:
+                raise ConfigError("data.teacher_error_rate rewrites SFT targets (vlm-mig sft); RL rewards grade the "
+                                  "true answers, so it must be 0 in vlm-mig train")
+            if cfg.rollout.num_generations < 2:
+                raise ConfigError(f"rollout.num_generations: RL needs groups of at least 2 completions (each "
+                                  f"advantage is measured against its group), got {cfg.rollout.num_generations}")
         self.cfg, self.mode = cfg, mode
         t = cfg.trainer
         if t.threads:
