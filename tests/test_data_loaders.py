@@ -237,6 +237,23 @@ def test_invalid_utf8_line(r1v_dir: Path):
     assert_located(err, path, 2)
 
 
+def test_format_sniffing_names_a_bad_encoding_on_its_line(r1v_dir: Path):
+    """``data.format: auto`` reads the first row to tell R1-V from generic jsonl: a non-UTF-8 byte there (or later)
+    is the loader's ``file:line`` error, not a traceback."""
+    from vlm_mig.data.sources import load_source
+
+    first = r1v_dir / "bad-first.jsonl"
+    first.write_bytes(b'{"question": "caf\xff"}\n')
+    with pytest.raises(DataError, match="not UTF-8") as err:
+        load_source(str(first), task="count", cache_dir=r1v_dir / "cache")
+    assert_located(err, first, 1)
+    later = r1v_dir / "bad-later.jsonl"
+    later.write_bytes(json.dumps(GOOD).encode() + b"\n" * 5 + b'{"problem": "\xff"}\n')
+    with pytest.raises(DataError, match="not UTF-8") as err:
+        load_source(str(later), task="count", cache_dir=r1v_dir / "cache", image_root=str(r1v_dir))
+    assert_located(err, later, 6)
+
+
 def test_missing_file(tmp_path: Path):
     with pytest.raises(DataError, match="file not found") as err:
         load_r1v_jsonl(tmp_path / "absent.jsonl")

@@ -46,17 +46,19 @@ def load_source(spec: str, *, task: str, cache_dir: str | Path, fmt: str = "auto
 
 
 def _looks_r1v(path: Path) -> bool:
-    """R1-V rows use ``problem``/``solution`` (or ``ground_truth``) instead of ``question``/``answer``."""
-    import json
+    """R1-V rows use ``problem``/``solution`` (or ``ground_truth``) instead of ``question``/``answer``. Reads the
+    first non-blank line as the loaders do (bytes, so a bad encoding there is the same ``file:line`` error); a
+    line that is not a JSON object is left for the loader to report."""
+    from vlm_mig.data.loaders import _jsonl_lines, _parse_line
 
-    with open(path, encoding="utf-8-sig") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    return False  # the jsonl loader reports the bad line
-                return isinstance(row, dict) and ("problem" in row or "ground_truth" in row or "solution" in row)
+    for line_no, raw in _jsonl_lines(path):
+        try:
+            row = _parse_line(path, line_no, raw)
+        except DataError as e:
+            if "not UTF-8" in str(e):
+                raise
+            return False
+        return "problem" in row or "ground_truth" in row or "solution" in row
     return False
 
 
