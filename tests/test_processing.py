@@ -48,6 +48,29 @@ def test_image_sizing_follows_min_max_pixels(make_image):
     assert img.size[0] % 28 == 0 and img.size[1] % 28 == 0 and img.size[0] * img.size[1] >= 56 * 56
 
 
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    """PIL's convert("RGB") clips a 16-bit image at 255 (a mid-grey scene becomes white); load_images scales it."""
+    import numpy as np
+    from PIL import Image
+
+    from vlm_mig.processing import to_8bit
+
+    ramp = (np.arange(112 * 112).reshape(112, 112) * 5).astype(np.uint16)  # 0 .. 62715
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I;16")
+        assert np.asarray(im.convert("RGB")).mean() > 250  # what the clipping does
+    (img,) = load_images(Sample(id="g", question="?", images=[str(tmp_path / "g16.png")], answer="1"))
+    got = np.asarray(img.convert("RGB"), dtype=np.float64)[..., 0]
+    want = ramp.astype(np.float64) / 257
+    assert img.size == (112, 112) and np.abs(got - want).max() <= 1.0 and 100 < got.mean() < 140
+    # 32-bit integer images within 0-255 are 8-bit already; float images in [0, 1] are scaled by 255.
+    assert np.asarray(to_8bit(Image.fromarray(np.full((4, 4), 200, dtype=np.int32)))).max() == 200
+    assert np.asarray(to_8bit(Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)))).max() == 128
+    rgb = Image.new("RGB", (4, 4), (1, 2, 3))
+    assert to_8bit(rgb) is rgb
+
+
 def test_missing_image_names_the_sample(tiny_vl_dir, tmp_path):
     proc = load_processor(tiny_vl_dir)
     with pytest.raises(DataError, match="'lost'.*nope.png"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,13 +78,43 @@ def _is_image_part(part: Any) -> bool:
     return isinstance(part, dict) and (part.get("type") == "image" or "image" in part or "image_url" in part)
 
 
+#: PIL modes with more than 8 bits per pixel: PIL's convert("RGB") (what qwen-vl-utils calls) clips them at 255.
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """A 16-bit or 32-bit grayscale image scaled to 8 bits (mode L); other images as they are. 16-bit values
+    divide by 257 (65535 -> 255); an ``I`` image whose values stay within 0-255 is already 8-bit; a float image
+    in [0, 1] is multiplied by 255, else clipped."""
+    if im.mode not in _WIDE_MODES:
+        return im
+    import numpy as np
+
+    a = np.asarray(im, dtype=np.float64)
+    top = float(a.max()) if a.size else 0.0
+    if im.mode.startswith("I;16") or (im.mode == "I" and top > 255):
+        a = a / 257.0
+    elif im.mode == "F" and top <= 1.0:
+        a = a * 255.0
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+
+
 def load_images(sample: Sample, min_pixels: int | None = None, max_pixels: int | None = None) -> list[Image.Image]:
-    """Open and size the sample's images with qwen-vl-utils; a missing or corrupt file names the sample."""
+    """Open and size the sample's images with qwen-vl-utils; a missing or corrupt file names the sample.
+    Local files are opened here first, so 16-bit grayscale is scaled rather than clipped (``to_8bit``)."""
     from qwen_vl_utils import fetch_image
 
     out = []
     for path in sample.images:
-        spec: dict[str, Any] = {"image": str(path)}
+        image: Any = str(path)
+        if Path(image).is_file():
+            try:
+                with Image.open(image) as im:
+                    if im.mode in _WIDE_MODES:
+                        image = to_8bit(im)
+            except Exception as e:  # PIL raises several types for unreadable files
+                raise DataError(f"sample {sample.id!r}: cannot read image {path}: {e}") from e
+        spec: dict[str, Any] = {"image": image}
         if min_pixels is not None:
             spec["min_pixels"] = min_pixels
         if max_pixels is not None:
