@@ -11,6 +11,7 @@ from vlm_mig.config import ConfigError
 from vlm_mig.data.schema import DataError
 from vlm_mig.mig import ANSWER_SCORES, L0_CONTEXTS, RECORDS
 from vlm_mig.models import ARCHES
+from vlm_mig.outputs import check_output
 from vlm_mig.score import ScoreConfig as ScoreDefaults
 from vlm_mig.warmup import WarmupConfig
 
@@ -26,6 +27,7 @@ def _build_tiny(args: argparse.Namespace) -> int:
     if args.out is None:  # the cached copy that `model.name_or_path: tiny` and the demo use
         out = tiny_model_dir(args.arch, steps, seed=args.seed, progress=True)
     else:
+        check_output(args.out, "--out", folder=True)
         out = build_tiny(args.out, arch=args.arch, seed=args.seed, progress=True,
                          warmup=WarmupConfig.for_steps(steps) if steps else None)
     how = f"vision tower warmed up for {steps} steps" if steps else "random weights"
@@ -36,6 +38,7 @@ def _build_tiny(args: argparse.Namespace) -> int:
 def _data_clevr(args: argparse.Namespace) -> int:
     from vlm_mig.data.synthetic import write_clevr
 
+    check_output(args.out, "--out", folder=True)
     samples = write_clevr(
         args.out, n=args.n, condition=args.condition, seed=args.seed, image_size=args.image_size,
         num_objects=(args.min_objects, args.max_objects), questions_per_scene=args.questions_per_scene,
@@ -48,6 +51,7 @@ def _data_clevr(args: argparse.Namespace) -> int:
 def _data_arithmetic(args: argparse.Namespace) -> int:
     from vlm_mig.data.synthetic import write_arithmetic
 
+    check_output(args.out, "--out", folder=False)
     samples = write_arithmetic(
         args.out, n=args.n, seed=args.seed, num_steps=(args.min_steps, args.max_steps), error_rate=args.error_rate,
         propagate=not args.no_propagate,
@@ -66,6 +70,7 @@ def _score(args: argparse.Namespace) -> int:
                           min_gain=args.min_gain, records=args.records)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    check_output(args.out, "--out", folder=False)
     n = score_file(args.model, args.data, args.out, explain=args.explain, cfg=cfg, task=args.task)
     print(f"scored {n} rows -> {args.out}")
     return 0

@@ -36,6 +36,7 @@ from vlm_mig.demo.plan import (
     write_recipe,
 )
 from vlm_mig.demo.summary import report_md, results_table, training_examples, write_viewer
+from vlm_mig.outputs import check_output
 
 
 class _Timer:
@@ -99,7 +100,7 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, seeds: int = 1, 
         if name not in PLANS:
             raise ValueError(f"unknown demo plan {name!r}; expected one of {tuple(PLANS)}")
         plan = quick_of(PLANS[name]) if quick else PLANS[name]
-    out = Path(out)
+    out = check_output(out, "--out", folder=True)
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("runs", "eval", "configs"):  # everything but the (seeded, cached) data is recomputed
         shutil.rmtree(out / stale, ignore_errors=True)

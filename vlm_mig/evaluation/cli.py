@@ -22,6 +22,7 @@ from vlm_mig.evaluation.options import (
 from vlm_mig.evaluation.records import GRADERS
 from vlm_mig.evaluation.reports import markdown_table
 from vlm_mig.evaluation.suites import Suite, load_suite, run_suite, suites_dir
+from vlm_mig.outputs import check_output
 
 
 def add_eval_command(subparsers: Any) -> None:
@@ -91,6 +92,8 @@ def _eval_command(args: argparse.Namespace) -> int:
         if v is not None
     }  # fmt: skip
     suite.options_for(suite.benchmarks[0].name, EvalOptions(), forced)  # validate flags before loading a model
+    if args.out:
+        check_output(args.out, "--out", folder=True)
     model = processor = None
     base = EvalOptions()
     if args.gold:
