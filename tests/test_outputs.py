@@ -74,3 +74,25 @@ def test_file_outputs_of_every_command(places, capsys, tiny_vl_dir, tmp_path):
                str(out))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file.txt", "a_folder", "rows.jsonl"]
     assert list(Path(places["folder"]).iterdir()) == []  # no <out>.tmp beside or inside it
+
+
+def test_a_model_path_that_does_not_exist_is_named(capsys, tmp_path, places):
+    """Not a traceback about hub repo ids, and no run folder left behind."""
+    from vlm_mig.models import check_model_path
+
+    lost = str(tmp_path / "no" / "such" / "model")
+    out = tmp_path / "run"
+    for cmd in ("sft", "train"):
+        _fails([cmd, f"model.name_or_path={lost}", f"trainer.output_dir={out}"], capsys, "model.name_or_path", lost,
+               "no such folder")
+    _fails(["eval", "--model", lost, "--task", "gsm8k", "--limit", "1", "--out", str(tmp_path / "ev")], capsys,
+           "--model", lost)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"question": "2 + 2?", "completion": "<answer>4</answer>", "answer": "4"}\n')
+    _fails(["score", "--model", lost, "--data", str(rows), "--out", str(tmp_path / "s.jsonl")], capsys, "--model")
+    assert not out.exists() and not (tmp_path / "ev").exists() and not (tmp_path / "s.jsonl").exists()
+    with pytest.raises(DataError, match="not a model folder"):
+        check_model_path(places["folder"], "--model")
+    with pytest.raises(DataError, match="is a file"):
+        check_model_path(places["file"], "--model")
+    check_model_path("Qwen/Qwen2-VL-2B-Instruct", "--model")  # a hub id: left to from_pretrained

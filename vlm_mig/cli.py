@@ -10,7 +10,7 @@ from collections.abc import Callable
 from vlm_mig.config import ConfigError
 from vlm_mig.data.schema import DataError
 from vlm_mig.mig import ANSWER_SCORES, L0_CONTEXTS, RECORDS
-from vlm_mig.models import ARCHES
+from vlm_mig.models import ARCHES, check_model_path
 from vlm_mig.outputs import check_output
 from vlm_mig.score import ScoreConfig as ScoreDefaults
 from vlm_mig.warmup import WarmupConfig
@@ -71,6 +71,7 @@ def _score(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ConfigError(str(e)) from e
     check_output(args.out, "--out", folder=False)
+    check_model_path(args.model, "--model")
     n = score_file(args.model, args.data, args.out, explain=args.explain, cfg=cfg, task=args.task)
     print(f"scored {n} rows -> {args.out}")
     return 0

@@ -13,12 +13,14 @@ import json
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vlm_mig.data.schema import DataError
 from vlm_mig.prompts import ANSWER_CLOSE, ANSWER_OPEN, STEP_HEADER, SYSTEM_PROMPT, THINK_CLOSE, THINK_OPEN
 from vlm_mig.warmup import WarmupConfig
 
@@ -363,6 +365,24 @@ def is_vision_model(path_or_config: Any) -> bool:
     if not isinstance(cfg, PretrainedConfig):
         cfg = AutoConfig.from_pretrained(cfg)
     return getattr(cfg, "vision_config", None) is not None
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model_path(path: str | os.PathLike, option: str) -> None:
+    """A model given as ``path`` can be loaded from here: an existing folder with a ``config.json``, or something
+    shaped like a hub id (``org/name``); otherwise a ``DataError`` naming ``option`` and the path (before anything
+    is loaded or written)."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise DataError(f"{option} {p}: not a model folder (no config.json)")
+        return
+    if p.exists():
+        raise DataError(f"{option} {p}: is a file; give a model folder or a hub id")
+    if not _HUB_ID.match(str(path)):
+        raise DataError(f"{option} {path}: no such folder (and not a hub id of the form org/name)")
 
 
 def load_processor(path: str | os.PathLike, min_pixels: int | None = None, max_pixels: int | None = None,

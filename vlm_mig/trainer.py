@@ -32,7 +32,7 @@ from vlm_mig.data.schema import DataError, Sample
 from vlm_mig.data.sources import load_source
 from vlm_mig.data.teacher import imperfect_teacher
 from vlm_mig.mig import EMPTY, ScoreRow, encode_probe, packed_forward, pad_rows, prompt_rows
-from vlm_mig.models import load_model, load_processor, tiny_model_dir
+from vlm_mig.models import check_model_path, load_model, load_processor, tiny_model_dir
 from vlm_mig.outputs import check_output
 from vlm_mig.processing import PromptBatch, PromptTemplate, encode_prompts, tokenizer_of
 from vlm_mig.prompts import SYSTEM_PROMPT, format_solution
@@ -114,6 +114,8 @@ class Trainer:
 
         if mode not in ("rl", "sft"):
             raise ValueError(f"mode must be rl or sft, got {mode!r}")
+        if cfg.model.name_or_path != "tiny":
+            check_model_path(cfg.model.name_or_path, "model.name_or_path")
         check_output(cfg.trainer.output_dir, "trainer.output_dir", folder=True)
         if mode == "rl":  # before anything is loaded or written
             if cfg.data.teacher_error_rate > 0:

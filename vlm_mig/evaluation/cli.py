@@ -154,8 +154,9 @@ def _suite_of(args: argparse.Namespace) -> tuple[Suite, bool]:
 def _load(args: argparse.Namespace) -> tuple[Any, Any, str]:
     import torch
 
-    from vlm_mig.models import load_model, load_processor
+    from vlm_mig.models import check_model_path, load_model, load_processor
 
+    check_model_path(args.model, "--model")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype
     if dtype == "auto":
