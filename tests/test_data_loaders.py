@@ -254,6 +254,50 @@ def test_format_sniffing_names_a_bad_encoding_on_its_line(r1v_dir: Path):
     assert_located(err, later, 6)
 
 
+def _corrupt_stream_png(path: Path) -> Path:
+    """A PNG whose header and every chunk checksum are right but whose compressed pixel stream is not: PIL's
+    ``verify()`` passes it, decoding fails."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(path)
+    data = bytearray(path.read_bytes())
+    i = data.index(b"IDAT")
+    n = struct.unpack(">I", data[i - 4 : i])[0]
+    body = bytearray(data[i + 4 : i + 4 + n])
+    body[2:] = bytes(len(body) - 2)  # keep the zlib header, zero the deflate stream
+    data[i + 4 : i + 4 + n] = body
+    data[i + 4 + n : i + 8 + n] = struct.pack(">I", zlib.crc32(b"IDAT" + bytes(body)) & 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_an_image_that_cannot_be_decoded_fails_at_load_with_its_path(r1v_dir: Path):
+    from PIL import Image
+
+    bad = _corrupt_stream_png(r1v_dir / "images" / "broken.png")
+    with Image.open(bad) as im:
+        im.verify()  # checksums alone pass it
+    rows = r1v_dir / "rows.jsonl"
+    rows.write_text(json.dumps({**GOOD, "image_path": "images/broken.png"}) + "\n")
+    with pytest.raises(DataError, match="corrupt image .*broken.png") as err:
+        load_r1v_jsonl(rows)
+    assert_located(err, rows, 1)
+    Image.new("RGB", (800, 2), (0, 0, 0)).save(r1v_dir / "images" / "strip.png")
+    rows.write_text(json.dumps({**GOOD, "image_path": "images/strip.png"}) + "\n")
+    with pytest.raises(DataError, match="800x2: an aspect ratio above 200:1"):
+        load_r1v_jsonl(rows)
+
+
+def test_an_empty_training_file_is_named(tmp_path: Path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match="empty.jsonl: no rows"):
+        load_jsonl(empty, "count")
+
+
 def test_missing_file(tmp_path: Path):
     with pytest.raises(DataError, match="file not found") as err:
         load_r1v_jsonl(tmp_path / "absent.jsonl")

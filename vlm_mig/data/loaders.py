@@ -205,8 +205,34 @@ def _check_task(task: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+#: The most extreme aspect ratio the Qwen2-VL image processing takes (qwen-vl-utils' MAX_RATIO).
+MAX_ASPECT_RATIO = 200
+
+
+def check_image(source: Path | bytes, loc: str, what: str) -> str | None:
+    """Open an image file (or its bytes) as training will: verify its checksums, then decode every pixel, so a
+    corrupt compressed stream fails here with the file named, not when a step draws it; an aspect ratio the image
+    processing refuses fails too. Returns the format (``png``, ``jpeg``, ...). ``what`` names it in errors."""
+    def opened():
+        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+    try:
+        with opened() as im:
+            fmt = im.format
+            im.verify()  # chunk checksums; the image cannot be used after this
+        with opened() as im:
+            im.load()  # the whole compressed stream
+            w, h = im.size
+    except _PIL_ERRORS as err:
+        raise DataError(f"{loc}: corrupt {what}: {err}") from None
+    if min(w, h) < 1 or max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise DataError(f"{loc}: {what} is {w}x{h}: an aspect ratio above {MAX_ASPECT_RATIO}:1, which the image "
+                        "processing refuses")
+    return fmt.lower() if fmt else None
+
+
 class _ImageChecker:
-    """Resolves image paths and verifies each file once per load (many rows share one image)."""
+    """Resolves image paths and checks each file once per load (many rows share one image)."""
 
     def __init__(self, verify: bool):
         self.verify = verify
@@ -219,11 +245,7 @@ class _ImageChecker:
         if not path.is_file():
             raise DataError(f"{loc}: image not found: {path}{hint}")
         if self.verify:
-            try:
-                with Image.open(path) as im:
-                    im.verify()
-            except _PIL_ERRORS as err:
-                raise DataError(f"{loc}: corrupt image {path}: {err}") from None
+            check_image(path, loc, f"image {path}")
         self._ok.add(key)
         return key
 
@@ -246,12 +268,7 @@ def _image_cache_dir(image_cache: str | os.PathLike | None) -> Path:
 
 def _store_image_bytes(data: bytes, cache: Path, loc: str) -> str:
     """Write embedded image bytes to ``cache`` under a content hash; verify them first."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            ext = (im.format or "png").lower()
-            im.verify()
-    except _PIL_ERRORS as err:
-        raise DataError(f"{loc}: corrupt embedded image: {err}") from None
+    ext = check_image(data, loc, "embedded image") or "png"
     ext = {"jpeg": "jpg"}.get(ext, ext)
     path = cache / f"{hashlib.sha1(data).hexdigest()[:24]}.{ext}"
     if not path.exists():
@@ -318,11 +335,15 @@ def read_jsonl_samples(
         return convert(_parse_line(path, line_no, raw), loc, line_no)
 
     col = _Collector(path, skip_bad, limit)
+    lines = 0
     for line_no, raw in _jsonl_lines(path):
+        lines += 1
         if col.full:
             break
         loc = where(path, line_no)
         col.take(loc, build, line_no, raw, loc)
+    if not lines:
+        raise DataError(f"{where(path)}: no rows (the file holds no JSON lines)")
     return col.result()
 
 
