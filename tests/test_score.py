@@ -111,3 +111,18 @@ def test_score_cli_rejects_a_negative_min_gain(tiny_text_dir, tmp_path, capsys):
     assert main([*args, "--min-gain", "-1"]) == 2
     assert "min_gain must be >= 0" in capsys.readouterr().err
     assert main([*args, "--answer-score", "digits", "--l0-context", "opener", "--no-watermark"]) == 0
+
+
+def test_a_row_longer_than_max_tokens_is_refused_before_the_pass(tiny_vl_dir, tmp_path, capsys):
+    """A 100k-character completion used to build a dense [L x L] mask (14 GB before it was killed)."""
+    rows = [{"id": "long", "question": "What is 2 + 2?", "completion": "<think>" + "### Step 1: 2 + 2 = 4. " * 4000,
+             "answer": "4"}]
+    data = _write(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    assert main(["score", "--model", str(tiny_vl_dir), "--data", str(data), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "row 'long'" in err and "exceed the 8192 a row may have" in err and "--max-tokens" in err
+    assert not out.exists() and not (tmp_path / "out.jsonl.tmp").exists()
+    assert main(["score", "--model", str(tiny_vl_dir), "--data", str(data), "--out", str(out), "--max-tokens",
+                 "0"]) == 2
+    assert "max_tokens" in capsys.readouterr().err

@@ -67,7 +67,7 @@ def _score(args: argparse.Namespace) -> int:
         cfg = ScoreConfig(probe=args.probe, max_steps=args.max_steps, min_step_chars=args.min_step_chars,
                           batch_size=args.batch_size, visual_evidence=args.visual_evidence,
                           l0_context=args.l0_context, answer_score=args.answer_score, watermark=not args.no_watermark,
-                          min_gain=args.min_gain, records=args.records)
+                          min_gain=args.min_gain, records=args.records, max_tokens=args.max_tokens)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     check_output(args.out, "--out", folder=False)
@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the most likely other token)")
     p.add_argument("--no-watermark", action="store_true", help="gains are the raw l_k - l_{k-1} (ablation)")
     p.add_argument("--min-gain", type=float, default=ScoreDefaults.min_gain, help="gains below this (nats) count as 0")
+    p.add_argument("--max-tokens", type=int, default=ScoreDefaults.max_tokens,
+                   help="longest prompt + completion a row may have, in tokens (longer rows are an error)")
     p.add_argument("--records", default=ScoreDefaults.records, choices=RECORDS,
                    help="kept: a record earns only what the last step keeps (h capped at l_K); all: every record")
     p.set_defaults(handler=_score)

@@ -34,9 +34,9 @@ class Bounds:
 
     def __str__(self) -> str:
         if self.hi is None:
-            return f"a finite number {'>' if self.lo_open else '>='} {self.lo}"
+            return f"{'>' if self.lo_open else '>='} {self.lo}"
         if self.lo is None:
-            return f"a finite number {'<' if self.hi_open else '<='} {self.hi}"
+            return f"{'<' if self.hi_open else '<='} {self.hi}"
         return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
 
 
@@ -61,7 +61,7 @@ def allowed(value: Any, metadata: Any) -> str | None:
         return f"one of {', '.join(choices)}"
     bounds = metadata.get("bounds")
     if bounds is not None and not bounds.admits(value):
-        return str(bounds)
+        return f"a finite number {bounds}" if isinstance(value, float) and not math.isfinite(value) else str(bounds)
     return None
 
 

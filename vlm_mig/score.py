@@ -45,6 +45,9 @@ class ScoreConfig(MigOptions):
     """Settings of ``vlm-mig score``: the scoring options of a training config's ``mig`` section, plus these."""
 
     batch_size: int = bounded(8, ge=1)  #: rows encoded and scored together
+    #: longest prompt + completion (tokens) a row may have: longer rows are an error naming the row, since the
+    #: packed pass holds a [length x length] mask and the copies repeat the answer once per step
+    max_tokens: int = bounded(8192, ge=1)
     compare_options: bool = False  #: also report l under every answer score and l_0 under every context
 
 
@@ -96,6 +99,10 @@ def score_samples(model, processor, samples: list[Sample], cfg: ScoreConfig | No
             rows, spans = [], []
             for p, s, text in zip(prompts, chunk, completions[start : start + cfg.batch_size]):
                 ids = torch.tensor(tok.encode(text, add_special_tokens=False), dtype=torch.long)
+                n_prompt = int(p["prompt_ids"].numel())
+                if n_prompt + ids.numel() > cfg.max_tokens:
+                    raise DataError(f"row {s.id!r}: {n_prompt} prompt + {ids.numel()} completion tokens exceed the "
+                                    f"{cfg.max_tokens} a row may have (vlm-mig score --max-tokens)")
                 sp = segment(ids, tok, config=step_cfg)
                 rows.append(ScoreRow(completion_ids=ids, cuts=sp.prefix_ends if sp.think else [],
                                      **encode_answers(tok, s.variants, cfg.probe, cfg.opener), **p))
