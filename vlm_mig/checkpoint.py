@@ -1,8 +1,10 @@
 """Checkpoints: a standard Hugging Face model folder (safetensors) plus the trainer state needed to resume
 exactly (optimizer, scheduler, RNG states of every process, data position, step).
 
-Written atomically: everything goes to ``checkpoint-N.tmp`` and is renamed to ``checkpoint-N`` last, so a
-run killed while saving leaves the previous checkpoint as the newest complete one. Optimizer and scheduler
+Written atomically: everything goes to ``checkpoint-N.tmp``, a completion marker is written last, and the folder
+is renamed to ``checkpoint-N``, so a run killed while saving leaves the previous checkpoint as the newest complete
+one. Deleted the other way round (marker first, then renamed aside, then removed), so a run killed while cleaning
+up never leaves a half-deleted folder that counts as a checkpoint. Optimizer and scheduler
 states are plain tensor/number dicts saved with ``torch.save`` and loaded with ``weights_only=True``;
 RNG states are safetensors and JSON; nothing is unpickled.
 """
@@ -22,24 +24,73 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STATE_FILE = "trainer_state.json"
+#: Written last into a checkpoint (just before the folder is renamed into place) and removed first when it is
+#: deleted: a folder without it is not a checkpoint, whatever else it holds.
+COMPLETE_FILE = "checkpoint_complete"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+#: What a run writes into its output folder besides its data cache: logs and checkpoints (complete or not).
+_RUN_FILES = re.compile(r"^(metrics\.jsonl|samples\.jsonl|prompts_rank\d+\.jsonl|tensorboard|"
+                        r"checkpoint-\d+(\.tmp|\.deleting)?)$")
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / f"checkpoint-{step}"
 
 
+def is_complete(folder: str | Path) -> bool:
+    """Whether ``folder`` is a complete checkpoint: its completion marker and trainer state are there."""
+    folder = Path(folder)
+    return (folder / COMPLETE_FILE).is_file() and (folder / STATE_FILE).is_file()
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (those holding a trainer state), oldest first."""
+    """Complete checkpoints (``is_complete``), oldest first. A folder whose save or deletion was interrupted is
+    not one."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
     found = []
     for p in root.iterdir():
         m = _CKPT.match(p.name)
-        if m and (p / STATE_FILE).is_file():
+        if m and is_complete(p):
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
+
+
+def remove_checkpoint(folder: str | Path) -> None:
+    """Delete a checkpoint so that no interruption leaves something that looks complete: the marker goes first,
+    then the folder is renamed out of the way (atomic), then removed."""
+    folder = Path(folder)
+    (folder / COMPLETE_FILE).unlink(missing_ok=True)
+    gone = folder.with_name(folder.name + ".deleting")
+    shutil.rmtree(gone, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def run_files(output_dir: str | Path) -> list[str]:
+    """The logs and checkpoints (complete or not) a run left in ``output_dir``, by name; empty log files do not
+    count. Empty when no run has written there."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir()
+                  if _RUN_FILES.match(p.name) and (p.is_dir() or p.stat().st_size > 0))
+
+
+def clear_run(output_dir: str | Path) -> None:
+    """Remove what a run left in ``output_dir`` (``run_files``; its data cache stays): checkpoints the way
+    ``remove_checkpoint`` does, logs as files."""
+    root = Path(output_dir)
+    for name in run_files(root):
+        p = root / name
+        if _CKPT.match(name):
+            remove_checkpoint(p)
+        elif p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -134,23 +185,32 @@ def write_state_only(folder: Path, state: dict[str, Any], config: dict[str, Any]
 
 
 def finish_checkpoint(output_dir: str | Path, step: int, save_total_limit: int | None = None) -> Path:
-    """Rename the finished temporary folder into place, then drop checkpoints beyond the limit."""
-    tmp = Path(output_dir) / f"checkpoint-{step}.tmp"
+    """Mark the finished temporary folder complete and rename it into place, then drop checkpoints beyond the
+    limit, and any older checkpoint folder left incomplete by an interrupted save or deletion."""
+    root = Path(output_dir)
+    tmp = root / f"checkpoint-{step}.tmp"
     final = checkpoint_dir(output_dir, step)
+    (tmp / COMPLETE_FILE).write_text(f"{step}\n")  # last write: the folder holds everything now
     if final.exists():
-        shutil.rmtree(final)
+        remove_checkpoint(final)
     os.replace(tmp, final)
     if save_total_limit:
         for old in list_checkpoints(output_dir)[:-save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)
+        for p in list(root.iterdir()):
+            m = _CKPT.match(p.name)
+            if p.name.endswith(".deleting"):
+                shutil.rmtree(p, ignore_errors=True)
+            elif m and int(m.group(1)) < step and not is_complete(p):
+                remove_checkpoint(p)
     return final
 
 
 def load_trainer_state(folder: str | Path, optimizer, scheduler) -> dict[str, Any]:
     """Restore optimizer and scheduler from ``folder``; return the saved state dict (step, data position...)."""
     folder = Path(folder)
-    if not (folder / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{folder}: not a complete checkpoint (no {STATE_FILE})")
+    if not is_complete(folder):
+        raise FileNotFoundError(f"{folder}: not a complete checkpoint (its save or deletion was interrupted)")
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
     if scheduler is not None and (folder / "scheduler.pt").is_file():
         scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))

@@ -82,7 +82,7 @@ def _train(args: argparse.Namespace, mode: str) -> int:
     from vlm_mig.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg, mode=mode, resume=args.resume_from or args.resume)
+    trainer = Trainer(cfg, mode=mode, resume=args.resume_from or args.resume, overwrite=args.overwrite)
     metrics = trainer.train()
     if trainer.is_main:
         shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("reward/", "val/", "loss"))}
@@ -95,6 +95,8 @@ def _add_train_parser(sub, name: str, mode: str, help_text: str) -> None:
     p.add_argument("--config", help="YAML recipe (see configs/)")
     p.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in trainer.output_dir")
     p.add_argument("--resume-from", metavar="DIR", help="resume from this checkpoint folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="trainer.output_dir holds an earlier run: remove its logs and checkpoints and start over")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. trainer.max_steps=20")
     p.set_defaults(handler=lambda a: _train(a, mode))
 

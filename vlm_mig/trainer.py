@@ -108,7 +108,7 @@ def resolve_model_path(cfg: Config) -> str:
 class Trainer:
     """``mode="rl"`` runs ``vlm-mig train``; ``mode="sft"`` the supervised warm start on gold solutions."""
 
-    def __init__(self, cfg: Config, mode: str = "rl", resume: bool | str = False):
+    def __init__(self, cfg: Config, mode: str = "rl", resume: bool | str = False, overwrite: bool = False):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -145,6 +145,7 @@ class Trainer:
 
         self.base_path = resolve_model_path(cfg)
         resume_from = self._find_resume(resume)
+        self._claim_output(resume, resume_from, overwrite)
         model_path = str(resume_from) if resume_from and cfg.model.lora_r == 0 else self.base_path
         self.processor = load_processor(model_path, trust_remote_code=cfg.model.trust_remote_code)
         self.tok = tokenizer_of(self.processor)
@@ -219,13 +220,34 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------
     # Setup helpers
 
+    def _claim_output(self, resume: bool | str, resume_from: Path | None, overwrite: bool) -> None:
+        """One run folder, one run: a new run over an old one's logs and checkpoints needs ``--overwrite`` (which
+        removes them) or ``--resume`` (which continues it and trims the logs to the checkpoint); ``--resume``
+        with no complete checkpoint says so and starts over."""
+        if resume_from is not None:
+            return
+        held = ckpt.run_files(self.out)
+        if resume and held:
+            logger.warning("--resume: no complete checkpoint in %s; starting from step 0 (removing %s)", self.out,
+                           ", ".join(held))
+        elif resume:
+            logger.warning("--resume: no checkpoint in %s; starting from step 0", self.out)
+        elif held and not overwrite:
+            raise ConfigError(f"trainer.output_dir {self.out}: already holds a run ({', '.join(held[:4])}"
+                              f"{', ...' if len(held) > 4 else ''}); pass --resume to continue it or --overwrite "
+                              "to start over")
+        if held and self.is_main:
+            ckpt.clear_run(self.out)
+        self.acc.wait_for_everyone()
+
     def _find_resume(self, resume: bool | str) -> Path | None:
         if not resume:
             return None
         if isinstance(resume, str) and resume not in ("auto", "latest"):
             path = Path(resume)
-            if not (path / ckpt.STATE_FILE).is_file():
-                raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder")
+            if not ckpt.is_complete(path):
+                raise ConfigError(f"--resume-from {resume}: not a complete checkpoint (none there, or its save or "
+                                  "deletion was interrupted)")
             return path
         return ckpt.latest_checkpoint(self.cfg.trainer.output_dir)
 
@@ -371,7 +393,6 @@ class Trainer:
     def rl_step(self) -> dict[str, float]:
         cfg, clock = self.cfg, StageClock()
         samples, seeds = self.batch_for(self.step, cfg.trainer.prompts_per_step)
-        self._record_prompts(samples)
         with clock("generate"), self.acc.autocast():
             batch = stages.rollout(self.engine, samples, seeds)
         with clock("rewards"):
@@ -388,6 +409,7 @@ class Trainer:
         metrics = step_metrics(batch, upd, clock.times, float(self.scheduler.get_last_lr()[0]),
                                cfg.trainer.num_iterations)
         metrics = self._reduce_metrics(metrics)
+        self._record_prompts(samples)  # once the step has run: a killed step leaves no line
         if self.is_main and cfg.trainer.sample_log_steps and self.step % cfg.trainer.sample_log_steps == 0:
             self.log.samples(self.step + 1, batch)
         return metrics
@@ -395,7 +417,6 @@ class Trainer:
     def sft_step(self) -> dict[str, float]:
         cfg, dev = self.cfg, self.acc.device
         samples, _ = self.batch_for(self.step, cfg.trainer.sft_batch_size)
-        self._record_prompts(samples)
         t0 = time.perf_counter()
         prompts = self.sft_prompts(samples)
         eos = self.tok.eos_token or ""
@@ -419,6 +440,7 @@ class Trainer:
         metrics = {"loss": loss_sum / self.acc.num_processes, "optim/grad_norm": grad_norm,
                    "optim/lr": float(self.scheduler.get_last_lr()[0]), "time/update": elapsed,
                    "time/tokens_per_s": total_tokens / max(elapsed, 1e-9)}
+        self._record_prompts(samples)  # once the step has run
         return self._reduce_metrics(metrics)
 
     # ----------------------------------------------------------------------------------------------

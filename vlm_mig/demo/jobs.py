@@ -29,7 +29,7 @@ def _trained(config_path: str, mode: str):
     from vlm_mig.config import load_config
     from vlm_mig.trainer import Trainer
 
-    trainer = Trainer(load_config(config_path), mode=mode)
+    trainer = Trainer(load_config(config_path), mode=mode, overwrite=True)  # each job's run folder is its own
     trainer.train()
     return trainer
 
