@@ -352,6 +352,8 @@ def _check_across(cfg: Config) -> None:
     steps = cfg.data.arithmetic_steps
     if len(steps) != 2 or not 1 <= steps[0] <= steps[1]:
         raise ConfigError(f"data.arithmetic_steps: expected [min, max] with 1 <= min <= max, got {steps}")
+    if cfg.data.teacher_error_rate > 0 and cfg.data.teacher_slip == 0:
+        raise ConfigError("data.teacher_slip: a slip of 0 changes nothing; the teacher's wrong results need one")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

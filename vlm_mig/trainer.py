@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -137,9 +138,21 @@ class Trainer:
         )
         self.out = Path(t.output_dir)
         self.is_main = self.acc.is_main_process
+        created = not self.out.exists()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.acc.wait_for_everyone()
+        try:
+            self._setup(cfg, mode, resume, overwrite)
+        except BaseException:
+            # Bad data, a bad checkpoint, ...: a run folder this call made holds nothing worth keeping.
+            if created and self.is_main:
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
+
+    def _setup(self, cfg: Config, mode: str, resume: bool | str, overwrite: bool) -> None:
+        """Everything after the run folder exists: models, optimizer, engines, data, logs."""
+        t = cfg.trainer
         torch.manual_seed(t.seed)
         random.seed(t.seed)
 
