@@ -83,6 +83,35 @@ def test_a_kill_during_cleanup_leaves_no_half_deleted_checkpoint(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-4"]
 
 
+_KILL_DURING_SAVE = """
+import os, signal, sys, torch
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import vlm_mig.checkpoint as ckpt
+from test_run_folder import _save
+
+out = Path({out!r})
+_save(out, 1)
+
+def killed(*a, **k):  # the save dies after the model files, while writing the optimizer state
+    os.kill(os.getpid(), signal.SIGKILL)
+
+ckpt.torch.save = killed
+_save(out, 2, limit=1)
+"""
+
+
+def test_a_kill_during_save_leaves_the_previous_checkpoint_newest(tmp_path):
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-c", _KILL_DURING_SAVE.format(tests=str(Path(__file__).parent),
+                                                                        out=str(out))], capture_output=True, text=True)
+    assert res.returncode == -9, res.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "checkpoint-2.tmp"]
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1"]
+    _save(out, 2, limit=1)  # the step is saved again: the stale .tmp is replaced, the old one dropped
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]
+
+
 def _sft(tiny_vl_dir, out: Path, *extra: str) -> int:
     return main(["sft", f"model.name_or_path={tiny_vl_dir}", f"trainer.output_dir={out}", "trainer.max_steps=2",
                  "trainer.sft_batch_size=2", "trainer.micro_batch_size=2", "data.synthetic_n=8",
