@@ -75,7 +75,7 @@ def train_sft(sizes: Sizes, seed: int, work_dir: Path, threads: int) -> tuple[Pa
         f"trainer.threads={threads}", f"trainer.output_dir={out}", f"trainer.seed={seed}",
     ]
     t0 = time.perf_counter()
-    Trainer(load_config(None, overrides), mode="sft").train()
+    Trainer(load_config(None, overrides), mode="sft", overwrite=True).train()  # an incomplete cache: train anew
     return ckpt, time.perf_counter() - t0
 
 
