@@ -393,7 +393,6 @@ def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob
     hidden = adapter.decoder(model)(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
     hidden = hidden.last_hidden_state
 
-    # Gather every scored position of the micro-batch, then one chunked fp32 log-softmax.
     def gather(src_of, tgt_of) -> tuple[torch.Tensor, torch.Tensor]:
         rows_, pos_ = zip(*[(torch.full_like(src_of(lay), i), src_of(lay)) for i, lay in enumerate(layouts)])
         flat = hidden[torch.cat(rows_).to(device), torch.cat(pos_).to(device)]

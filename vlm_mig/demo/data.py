@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_mig.data.schema import Sample
-from vlm_mig.demo.measure import accuracy_by
+from vlm_mig.demo.measure import accuracy_by, answers_by_question_type
 
 BLANK_IMAGE = "blank.png"
 BLANK_GREY = (128, 128, 128)
@@ -114,10 +114,7 @@ def blind_baseline_of(paths: dict[str, Path]) -> dict[str, Any]:
 def blind_baseline(train: list[Sample], sets: dict[str, list[Sample]]) -> dict[str, Any]:
     """Accuracy of answering without the image: the most common training answer for each question type.
     A model at this level answers from the question type alone."""
-    by_type: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for s in train:
-        by_type[s.meta.get("question_type", "?")][s.answer] += 1
-    guess = {t: c.most_common(1)[0][0] for t, c in by_type.items()}
+    guess = {t: collections.Counter(a).most_common(1)[0][0] for t, a in answers_by_question_type(train).items()}
     out: dict[str, Any] = {"answer_by_question_type": guess}
     for name, samples in sets.items():
         types = [s.meta.get("question_type", "?") for s in samples]

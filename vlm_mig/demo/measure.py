@@ -82,10 +82,7 @@ def headroom_of(model, processor, template, samples: list[Sample], objects: dict
                    max_new_tokens=max_new_tokens, batch_size=max(1, batch_size // samples_k), template=template,
                    seed=seed, progress=progress, name=f"headroom {samples_k} samples at T = {temperature:g}")
     by_item = [res.records[i * samples_k : (i + 1) * samples_k] for i in range(len(samples))]
-    by_type: dict[str, list[str]] = collections.defaultdict(list)
-    for s in train:
-        by_type[s.meta.get("question_type", "?")].append(s.answer)
-    shares = answer_shares(by_type)
+    shares = answer_shares(answers_by_question_type(train))
     return {
         "temperature": temperature, "top_p": top_p,
         **headroom([r.correct for r in greedy], [[r.extracted for r in rs] for rs in by_item],
@@ -121,6 +118,14 @@ def credit_examples(model, processor, template, samples: list[Sample], completio
 
 # --------------------------------------------------------------------------------------------------
 # Pure summaries
+
+
+def answers_by_question_type(samples: list[Sample]) -> dict[str, list[str]]:
+    """Each question type's answers, in sample order (what a blind guesser knows of the training set)."""
+    out: dict[str, list[str]] = collections.defaultdict(list)
+    for s in samples:
+        out[s.meta.get("question_type", "?")].append(s.answer)
+    return dict(out)
 
 
 def accuracy_by(hits: list[bool], keys: list[Any]) -> dict[str, float]:

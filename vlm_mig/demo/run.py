@@ -303,9 +303,15 @@ def headroom_phase(plan: DemoPlan, paths: dict[str, Path], out: Path, threads: i
     found = {}
     for job, label, res in zip(jobs, labels, run_jobs(jobs, parallel)):
         found[label] = res["headroom"]
-        for k, v in res["times"].items():
-            (per_job if parallel else timer.phases)[f"{job['label']} {k}"] = v
+        _file_times(job["label"], res["times"], timer, per_job, parallel)
     return found
+
+
+def _file_times(label: str, times: dict[str, float], timer: _Timer, per_job: dict[str, float],
+                parallel: bool) -> None:
+    """A job's phase times: beside the others when jobs ran side by side (they overlap), else in the total."""
+    for k, v in times.items():
+        (per_job if parallel else timer.phases)[f"{label} {k}"] = v
 
 
 def _collect(job: dict[str, Any], res: dict[str, Any], results: dict[str, Any], viewer: dict, timer: _Timer,
@@ -318,8 +324,7 @@ def _collect(job: dict[str, Any], res: dict[str, Any], results: dict[str, Any], 
         results[label.rsplit("-seed", 1)[0]].append({"seed": seed, "run": job["run"], **res["ev"],
                                                      "weights": res.get("weights")})
     viewer.update(res["viewer"])
-    for k, v in res["times"].items():
-        (per_job if parallel else timer.phases)[f"{label} {k}"] = v
+    _file_times(label, res["times"], timer, per_job, parallel)
 
 
 def _sft_val(metrics: dict[str, list[list[dict[str, Any]]]]) -> float | None:
