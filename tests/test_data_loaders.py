@@ -26,6 +26,7 @@ from vlm_mig.data.loaders import (
     COUNT_QUESTION,
     FieldMap,
     SampleList,
+    answer_span,
     extract_answer_tag,
     format_number,
     load_hf_dataset,
@@ -80,6 +81,23 @@ def test_format_number_and_answer_tag():
     assert extract_answer_tag("<answer> 3 </answer>") == "3"
     assert extract_answer_tag("<think>x</think><answer>a</answer> <answer>b</answer>") == "b"
     assert extract_answer_tag("  7 ") == "7"
+    # an unclosed opening tag before the last pair is skipped, as the graders skip it
+    assert extract_answer_tag("<answer>a<answer>b</answer>") == "b"
+
+
+def test_loaders_and_graders_share_one_answer_parser():
+    """A gold field and a completion with the same tags give the same answer (one parser, two callers)."""
+    from vlm_mig.rewards import extract_answer
+
+    for text in [
+        "<answer> 3 </answer>",
+        "<think>x</think><answer>a</answer> <answer>b</answer>",
+        "<answer>a<answer>b</answer>",
+        "<answer>\n12\n</answer> trailing",
+    ]:
+        assert extract_answer_tag(text) == extract_answer(text)
+    assert answer_span("no tags") is None and extract_answer_tag(" no tags ") == "no tags"
+    assert answer_span("<answer>open only") is None
 
 
 # --------------------------------------------------------------------------------------------

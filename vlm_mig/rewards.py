@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlm_mig.data.loaders import answer_span
 from vlm_mig.data.schema import TASK_TYPES
 from vlm_mig.prompts import (  # noqa: F401  (extract_boxed/last_boxed are part of this module's API)
     ANSWER_CLOSE,
@@ -87,18 +88,6 @@ NUMERIC_ABS_TOL = 1e-6
 _NUMBER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
 
 
-def _answer_span(text: str) -> str | None:
-    """Inner text of the last complete ``<answer>…</answer>`` pair, or ``None``."""
-    end = text.rfind(ANSWER_CLOSE)
-    if end < 0:
-        return None
-    # The opening tag nearest before the last closing tag: `<answer>a<answer>b</answer>` gives `b`.
-    start = text.rfind(ANSWER_OPEN, 0, end)
-    if start < 0:
-        return None
-    return text[start + len(ANSWER_OPEN) : end]
-
-
 def extract_answer(completion: str | None, *, fallback: bool = False) -> str | None:
     """The model's final answer, as a string to ``grade``; ``None`` when it gave none.
 
@@ -113,7 +102,7 @@ def extract_answer(completion: str | None, *, fallback: bool = False) -> str | N
     """
     if completion is None:
         return None
-    span = _answer_span(completion)
+    span = answer_span(completion)
     if span is not None:
         boxed = last_boxed(span)
         ans = (boxed if boxed is not None else span).strip()

@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import os
-import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,13 +32,13 @@ from typing import Any
 from PIL import Image
 
 from vlm_mig.data.schema import TASK_TYPES, DataError, Sample, where
+from vlm_mig.prompts import ANSWER_CLOSE, ANSWER_OPEN
 
 log = logging.getLogger(__name__)
 
 #: The R1-V counting prompt used for Super-CLEVR (and CLEVR-70k) evaluation.
 COUNT_QUESTION = "How many different items are there in the image?"
 
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _IMAGE_TAG = "<image>"
 
 # What PIL raises on unreadable, truncated or corrupt files (it has no single base class for them).
@@ -136,10 +135,29 @@ def format_number(value: float) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
+def answer_span(text: str) -> str | None:
+    """Inner text of the last complete ``<answer>…</answer>`` pair (unstripped), or ``None``.
+
+    The one answer-tag parser: the graders (``rewards.extract_answer``) and the loaders
+    (:func:`extract_answer_tag`) both read answers through it. The opening tag taken is the one
+    nearest before the last closing tag, so ``<answer>a<answer>b</answer>`` gives ``b``.
+    """
+    end = text.rfind(ANSWER_CLOSE)
+    if end < 0:
+        return None
+    start = text.rfind(ANSWER_OPEN, 0, end)
+    if start < 0:
+        return None
+    return text[start + len(ANSWER_OPEN) : end]
+
+
 def extract_answer_tag(text: str) -> str:
-    """The inside of the last ``<answer>...</answer>`` in ``text``, or ``text`` itself if untagged."""
-    found = _ANSWER_TAG.findall(text)
-    return found[-1].strip() if found else text.strip()
+    """The stripped inside of the last ``<answer>...</answer>`` in ``text``, or ``text`` itself if untagged.
+
+    Same span as the graders read (:func:`answer_span`).
+    """
+    span = answer_span(text)
+    return (span if span is not None else text).strip()
 
 
 def _answer_text(value: Any, loc: str, name: str) -> str:
