@@ -373,3 +373,14 @@ def test_math_recipe():
     assert cfg.model.name_or_path.startswith("Qwen/Qwen2.5-Math-") and cfg.data.task == "math"
     assert cfg.data.validation == "math500" and cfg.data.train.endswith(".jsonl")
     assert cfg.loss == Config().loss and cfg.trainer.bf16 and cfg.optim.lr == 1e-6
+
+
+def test_eval_defaults_have_one_home():
+    """Validation (``cfg.eval``) and ``vlm-mig eval`` (``EvalOptions``) share one completion budget and batch
+    size, and the budget is the training rollout budget (validation must not cut off what training allows)."""
+    from vlm_mig.config import EvalConfig
+    from vlm_mig.evaluation.options import EvalOptions
+    from vlm_mig.rollout.base import RolloutConfig
+
+    assert EvalOptions().max_new_tokens == EvalConfig().max_new_tokens == RolloutConfig().max_new_tokens
+    assert EvalOptions().batch_size == EvalConfig().batch_size

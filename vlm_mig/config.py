@@ -148,11 +148,16 @@ class TrainerConfig:
 
 @dataclass
 class EvalConfig:
-    """In-loop validation and ``vlm-mig eval`` defaults."""
+    """In-loop validation settings; its ``max_new_tokens`` and ``batch_size`` are also the defaults of
+    ``vlm-mig eval`` and ``evaluate()`` (``vlm_mig.evaluation.options.EvalOptions`` reads them from here).
+    """
 
-    max_new_tokens: int = bounded(128, ge=1)  #: completion budget at validation
+    #: completion budget at validation and in ``vlm-mig eval``: the training rollout budget
+    #: (``RolloutConfig.max_new_tokens``), so validation does not cut off answers training allows
+    max_new_tokens: int = bounded(RolloutConfig.max_new_tokens, ge=1)
     limit: int | None = bounded(None, ge=1)  #: validate on the first N items
-    batch_size: int = bounded(32, ge=1)  #: prompts per generate call
+    #: prompts per generate call, here and in ``vlm-mig eval`` (16: eval may draw K completions per prompt)
+    batch_size: int = bounded(16, ge=1)
 
 
 @dataclass

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlm_mig.config import EvalConfig
 from vlm_mig.data.schema import DataError
 from vlm_mig.processing import PromptTemplate
 from vlm_mig.prompts import SYSTEM_PROMPT
-from vlm_mig.rollout.base import RolloutConfig
 
 #: Sampling defaults when K > 1 (the DeepSeek-R1 evaluation setting); K = 1 is greedy.
 SAMPLING_TEMPERATURE = 0.6
@@ -142,8 +142,10 @@ class EvalOptions:
     #: has one (``vlm-mig eval``), else SAMPLING_TEMPERATURE
     sampling_temperature: float = SAMPLING_TEMPERATURE
     sampling_top_p: float = SAMPLING_TOP_P  #: the nucleus threshold that goes with ``sampling_temperature``
-    max_new_tokens: int = RolloutConfig.max_new_tokens  #: completion budget (SPEC's max completion)
-    batch_size: int = 16  #: prompts per generate call (each with K completions)
+    #: completion budget; default from ``EvalConfig`` (the one home of this default: the training rollout budget)
+    max_new_tokens: int = EvalConfig.max_new_tokens
+    #: prompts per generate call (each with K completions); default from ``EvalConfig``
+    batch_size: int = EvalConfig.batch_size
     limit: int | None = None  #: first N items of each benchmark
     seed: int = 0  #: sampling seed (each item's stream derives from it, its benchmark and id)
     extraction: str = "strict"  #: strict (tagged answers only, as the training reward) | fallback
