@@ -520,3 +520,40 @@ def test_synthetic_source_takes_the_mix_and_step_style(tmp_path: Path) -> None:
     assert any(":" in step for s in listed for step in s.gold_steps)
     assert not any(":" in step for s in counts for step in s.gold_steps)
     assert len({p.name for p in tmp_path.iterdir()}) == 2  # two cached sets, one per style
+
+
+def test_generator_defaults_have_one_home():
+    """``vlm-mig data``, ``DataConfig``, ``load_source`` and the generators read their defaults from the module
+    constants of ``data/clevr.py`` and ``data/arithmetic.py``: changing one constant changes every default."""
+    import inspect
+
+    from vlm_mig.cli import build_parser
+    from vlm_mig.config import DataConfig
+    from vlm_mig.data import arithmetic, clevr
+    from vlm_mig.data.sources import load_source
+
+    def default(fn, name):
+        return inspect.signature(fn).parameters[name].default
+
+    for fn in (clevr.sample_scene, clevr.make_clevr_example, clevr.write_clevr):
+        assert default(fn, "image_size") == clevr.IMAGE_SIZE
+        assert default(fn, "num_objects") == clevr.NUM_OBJECTS
+        assert default(fn, "condition") == clevr.DEFAULT_CONDITION
+    for fn in (arithmetic.make_arithmetic, arithmetic.write_arithmetic):
+        assert default(fn, "num_steps") == arithmetic.NUM_STEPS
+    cfg = DataConfig()
+    assert cfg.synthetic_condition == default(load_source, "condition") == clevr.DEFAULT_CONDITION
+    assert cfg.synthetic_mix == default(load_source, "question_mix") == clevr.DEFAULT_MIX
+    assert cfg.max_objects == default(load_source, "max_objects") == clevr.NUM_OBJECTS[1]
+    assert tuple(cfg.arithmetic_steps) == default(load_source, "arithmetic_steps") == arithmetic.NUM_STEPS
+
+    args = build_parser().parse_args(["data", "clevr", "--n", "1"])
+    assert (args.image_size, args.condition, args.mix) == (clevr.IMAGE_SIZE, clevr.DEFAULT_CONDITION, clevr.DEFAULT_MIX)
+    assert (args.min_objects, args.max_objects) == clevr.NUM_OBJECTS
+    args = build_parser().parse_args(["data", "arithmetic", "--n", "1", "--out", "x.jsonl"])
+    assert (args.min_steps, args.max_steps) == arithmetic.NUM_STEPS
+    # the choices are the generators' own tables
+    for flag, table in (("--condition", clevr.CONDITIONS), ("--mix", clevr.QUESTION_MIXES)):
+        for value in table:
+            assert getattr(build_parser().parse_args(["data", "clevr", "--n", "1", flag, value]),
+                           flag[2:]) == value

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 
 from vlm_mig.config import ConfigError
+from vlm_mig.data.arithmetic import NUM_STEPS
+from vlm_mig.data.clevr import CONDITIONS, DEFAULT_CONDITION, DEFAULT_MIX, IMAGE_SIZE, NUM_OBJECTS, QUESTION_MIXES
 from vlm_mig.data.schema import DataError
 from vlm_mig.mig import ANSWER_SCORES, L0_CONTEXTS, RECORDS
 from vlm_mig.models import ARCHES, check_model_path
@@ -121,23 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, required=True, help="number of scenes")
     p.add_argument("--out", help="output folder (default: build once into the cache, $VLM_MIG_CACHE or "
                                  "~/.cache/vlm-mig, where `model.name_or_path: tiny` finds it)")
-    p.add_argument("--condition", default="A", choices=["A", "B", "all"],
-                   help="CLEVR-CoGenT colour/shape split (all: no colour rule)")
+    p.add_argument("--condition", default=DEFAULT_CONDITION, choices=list(CONDITIONS),
+                   help=f"CLEVR-CoGenT colour/shape split (all: no colour rule; default {DEFAULT_CONDITION})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=112)
-    p.add_argument("--min-objects", type=int, default=1)
-    p.add_argument("--max-objects", type=int, default=6)
+    p.add_argument("--image-size", type=int, default=IMAGE_SIZE, help=f"image side in pixels (default {IMAGE_SIZE})")
+    p.add_argument("--min-objects", type=int, default=NUM_OBJECTS[0])
+    p.add_argument("--max-objects", type=int, default=NUM_OBJECTS[1])
     p.add_argument("--questions-per-scene", type=int, default=1)
-    p.add_argument("--mix", default="counting", choices=["counting", "multistep"],
-                   help="question types: counting (count all / by attribute / compare) or multistep (also filter "
-                        "chains, add, subtract)")
+    p.add_argument("--mix", default=DEFAULT_MIX, choices=list(QUESTION_MIXES),
+                   help=f"question types: counting (count all / by attribute / compare) or multistep (also filter "
+                        f"chains, add, subtract); default {DEFAULT_MIX}")
     p.set_defaults(handler=_data_clevr)
     p = data.add_parser("arithmetic", help="multi-step arithmetic word problems with gold steps (jsonl)")
     p.add_argument("--n", type=int, required=True)
     p.add_argument("--out", required=True, help="output .jsonl file")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-steps", type=int, default=2)
-    p.add_argument("--max-steps", type=int, default=4)
+    p.add_argument("--min-steps", type=int, default=NUM_STEPS[0])
+    p.add_argument("--max-steps", type=int, default=NUM_STEPS[1])
     p.add_argument("--error-rate", type=float, default=0.0, help="fraction of problems with an injected step error")
     p.add_argument("--no-propagate", action="store_true",
                    help="later steps return to the true value after an error")

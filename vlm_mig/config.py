@@ -24,7 +24,8 @@ from typing import Any
 import yaml
 
 from vlm_mig.advantages import AdvantageConfig
-from vlm_mig.data.clevr import CONDITIONS, QUESTION_MIXES
+from vlm_mig.data.arithmetic import NUM_STEPS
+from vlm_mig.data.clevr import CONDITIONS, DEFAULT_CONDITION, DEFAULT_MIX, NUM_OBJECTS, QUESTION_MIXES
 from vlm_mig.data.schema import TASK_TYPES
 from vlm_mig.data.sources import FORMATS
 from vlm_mig.fields import allowed, bounded, choice
@@ -70,13 +71,14 @@ class DataConfig:
     validation: str | None = "synthetic:clevr"  #: held-out set for in-loop validation; None disables it
     image_root: str | None = None  #: base folder for relative image paths
     synthetic_n: int = bounded(2000, ge=1)  #: number of synthetic training prompts
-    synthetic_condition: str = choice("A", tuple(CONDITIONS))  #: CLEVR-CoGenT condition of synthetic training scenes
+    #: CLEVR-CoGenT condition of synthetic training scenes
+    synthetic_condition: str = choice(DEFAULT_CONDITION, tuple(CONDITIONS))
     synthetic_seed: int = 1  #: seed of the synthetic training set (validation uses seed + 1000)
     validation_n: int = bounded(64, ge=1)  #: size of a synthetic validation set
-    max_objects: int = bounded(6, ge=1)  #: synthetic CLEVR scenes hold 1..max_objects objects
-    synthetic_mix: str = choice("counting", tuple(QUESTION_MIXES))  #: synthetic CLEVR question types (multistep: all)
+    max_objects: int = bounded(NUM_OBJECTS[1], ge=1)  #: synthetic CLEVR scenes hold 1..max_objects objects
+    synthetic_mix: str = choice(DEFAULT_MIX, tuple(QUESTION_MIXES))  #: synthetic CLEVR question types (multistep: all)
     synthetic_list_objects: bool = True  #: synthetic CLEVR gold steps list the objects they count (else counts only)
-    arithmetic_steps: list[int] = field(default_factory=lambda: [2, 4])  #: synthetic arithmetic chain lengths
+    arithmetic_steps: list[int] = field(default_factory=lambda: list(NUM_STEPS))  #: synthetic arithmetic chain lengths
     system_prompt: str | None = "default"  #: "default" = the project's system prompt; None = chat template's
     question_suffix: str = ""  #: appended to every question (train and eval alike)
     skip_bad: bool = False  #: skip (and report) malformed rows instead of failing on the first one

@@ -41,6 +41,7 @@ ITEMS = ("apples", "marbles", "stickers", "coins", "books", "pencils", "cookies"
 SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 #: Relative weights of the operation kinds (among those allowed at the current amount).
 OP_WEIGHTS = {"add": 0.35, "sub": 0.3, "mul": 0.2, "div": 0.15}
+NUM_STEPS = (2, 4)  #: operations per problem, an inclusive range (the default of the CLI and DataConfig too)
 MAX_VALUE = 200  # multiplications stop here so that long chains keep small numbers
 
 
@@ -284,7 +285,7 @@ def _step_range(num_steps: int | tuple[int, int]) -> tuple[int, int]:
 def make_arithmetic(
     n: int,
     seed: int = 0,
-    num_steps: int | tuple[int, int] = (2, 4),
+    num_steps: int | tuple[int, int] = NUM_STEPS,
     error_rate: float = 0.0,
     error_kinds: tuple[str, ...] = ("redundant", "wrong"),
     propagate: bool = True,
@@ -350,7 +351,7 @@ def write_arithmetic(
     path: str | Path,
     n: int,
     seed: int = 0,
-    num_steps: int | tuple[int, int] = (2, 4),
+    num_steps: int | tuple[int, int] = NUM_STEPS,
     error_rate: float = 0.0,
     error_kinds: tuple[str, ...] = ("redundant", "wrong"),
     propagate: bool = True,

@@ -90,6 +90,13 @@ QUESTION_MIX = {"count_all": 0.5, "count_attr": 0.2, "count_two_attr": 0.15, "co
 MULTISTEP_MIX = {"count_all": 1.0, "count_attr": 1.0, "count_two_attr": 1.0, "compare": 1.0, "add": 1.0,
                  "subtract": 1.0}
 QUESTION_MIXES = {"counting": QUESTION_MIX, "multistep": MULTISTEP_MIX}
+
+# The generator's defaults, each written once: ``vlm-mig data clevr``, ``DataConfig`` (``data.synthetic_*``,
+# ``data.max_objects``) and ``load_source("synthetic:clevr")`` read them from here.
+IMAGE_SIZE = 112  #: image side in pixels (the tiny model's: 8 x 8 patches of 14 px, 16 tokens after the 2x2 merge)
+NUM_OBJECTS = (1, 6)  #: objects per scene, an inclusive range
+DEFAULT_CONDITION = "A"  #: CLEVR-CoGenT condition of the colour/shape rule (a key of ``CONDITIONS``)
+DEFAULT_MIX = "counting"  #: question mix (a key of ``QUESTION_MIXES``)
 QUESTION_TYPES = tuple(MULTISTEP_MIX)
 COUNT_ALL_QUESTION = "How many different items are there in the image?"
 
@@ -212,9 +219,9 @@ def _boxes_clash(a: SceneObject, b: SceneObject, gap: float) -> bool:
 
 def sample_scene(
     rng: random.Random,
-    condition: str = "A",
-    num_objects: int | tuple[int, int] = (1, 6),
-    image_size: int = 112,
+    condition: str = DEFAULT_CONDITION,
+    num_objects: int | tuple[int, int] = NUM_OBJECTS,
+    image_size: int = IMAGE_SIZE,
 ) -> Scene:
     """Draw object attributes under ``condition`` and place them without overlap.
 
@@ -704,7 +711,7 @@ def without_listing(step: str) -> str:
 # ------------------------------------------------------------------------------------- generation
 
 
-def scene_id(index: int, seed: int = 0, condition: str = "A") -> str:
+def scene_id(index: int, seed: int = 0, condition: str = DEFAULT_CONDITION) -> str:
     """The file stem of scene ``index``: ``clevr_A_0_000042``."""
     return f"clevr_{condition}_{seed}_{index:06d}"
 
@@ -712,9 +719,9 @@ def scene_id(index: int, seed: int = 0, condition: str = "A") -> str:
 def make_clevr_example(
     index: int,
     seed: int = 0,
-    condition: str = "A",
-    image_size: int = 112,
-    num_objects: int | tuple[int, int] = (1, 6),
+    condition: str = DEFAULT_CONDITION,
+    image_size: int = IMAGE_SIZE,
+    num_objects: int | tuple[int, int] = NUM_OBJECTS,
     question_mix: dict[str, float] | str | None = None,
     questions_per_scene: int = 1,
     list_objects: bool = True,
@@ -759,10 +766,10 @@ def make_clevr_example(
 def write_clevr(
     out_dir: str | Path,
     n: int,
-    condition: str = "A",
+    condition: str = DEFAULT_CONDITION,
     seed: int = 0,
-    image_size: int = 112,
-    num_objects: int | tuple[int, int] = (1, 6),
+    image_size: int = IMAGE_SIZE,
+    num_objects: int | tuple[int, int] = NUM_OBJECTS,
     question_mix: dict[str, float] | str | None = None,
     questions_per_scene: int = 1,
     list_objects: bool = True,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vlm_mig.data.arithmetic import NUM_STEPS
 from vlm_mig.data.benchmarks import list_benchmarks, load_benchmark
+from vlm_mig.data.clevr import DEFAULT_CONDITION, DEFAULT_MIX, NUM_OBJECTS
 from vlm_mig.data.loaders import load_hf_dataset, load_jsonl, load_r1v_jsonl, load_superclevr
 from vlm_mig.data.schema import DataError, Sample
 
@@ -14,9 +16,9 @@ FORMATS = ("auto", "jsonl", "r1v", "superclevr", "hf")
 
 
 def load_source(spec: str, *, task: str, cache_dir: str | Path, fmt: str = "auto", image_root: str | None = None,
-                n: int = 2000, seed: int = 0, condition: str = "A", max_objects: int = 6,
-                arithmetic_steps: tuple[int, int] = (2, 4), skip_bad: bool = False,
-                limit: int | None = None, question_mix: str = "counting",
+                n: int = 2000, seed: int = 0, condition: str = DEFAULT_CONDITION, max_objects: int = NUM_OBJECTS[1],
+                arithmetic_steps: tuple[int, int] = NUM_STEPS, skip_bad: bool = False,
+                limit: int | None = None, question_mix: str = DEFAULT_MIX,
                 list_objects: bool = True) -> list[Sample]:
     """Samples for ``spec``; synthetic sets are generated once into ``cache_dir`` and reused (same seed,
     same files). ``question_mix`` / ``list_objects``: the CLEVR questions and the style of their gold steps."""
