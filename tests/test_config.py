@@ -384,3 +384,26 @@ def test_eval_defaults_have_one_home():
 
     assert EvalOptions().max_new_tokens == EvalConfig().max_new_tokens == RolloutConfig().max_new_tokens
     assert EvalOptions().batch_size == EvalConfig().batch_size
+
+
+def test_config_does_not_import_the_model_building_modules():
+    """``import vlm_mig.config`` reads the arch and dtype names and the warm-up defaults from
+    ``vlm_mig.model_options``, not from ``vlm_mig.models`` / ``vlm_mig.warmup``."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vlm_mig.config; "
+            "print(sorted(m for m in ('vlm_mig.models', 'vlm_mig.warmup') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_model_options_match_the_model_code():
+    """The light names the config validates against are the ones the model code builds and loads."""
+    from vlm_mig import model_options, models, warmup
+    from vlm_mig.config import ModelConfig
+
+    assert models.ARCHES == model_options.ARCHES
+    assert set(models.DTYPES) == set(model_options.DTYPE_NAMES)
+    assert warmup.WarmupConfig is model_options.WarmupConfig
+    assert ModelConfig().tiny_warmup_steps == model_options.WarmupConfig.steps

@@ -12,10 +12,10 @@ from vlm_mig.data.arithmetic import NUM_STEPS
 from vlm_mig.data.clevr import CONDITIONS, DEFAULT_CONDITION, DEFAULT_MIX, IMAGE_SIZE, NUM_OBJECTS, QUESTION_MIXES
 from vlm_mig.data.schema import DataError
 from vlm_mig.mig import ANSWER_SCORES, L0_CONTEXTS, RECORDS
-from vlm_mig.models import ARCHES, check_model_path
+from vlm_mig.model_options import ARCHES, WarmupConfig
+from vlm_mig.models import check_model_path
 from vlm_mig.outputs import check_output
 from vlm_mig.score import ScoreConfig as ScoreDefaults
-from vlm_mig.warmup import WarmupConfig
 
 Handler = Callable[[argparse.Namespace], int]
 

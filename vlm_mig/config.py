@@ -31,9 +31,8 @@ from vlm_mig.data.sources import FORMATS
 from vlm_mig.fields import allowed, bounded, choice
 from vlm_mig.losses import LossConfig
 from vlm_mig.mig import MigOptions
-from vlm_mig.models import ARCHES, DTYPES
+from vlm_mig.model_options import ARCHES, DTYPE_NAMES, WarmupConfig
 from vlm_mig.rollout.base import RolloutConfig
-from vlm_mig.warmup import WarmupConfig
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ class ModelConfig:
     name_or_path: str = "tiny"  #: folder or hub id; "tiny" builds (and caches) the embedded tiny Qwen2-VL
     tiny_arch: str = choice("qwen2-vl", ARCHES)  #: architecture of the "tiny" model
     tiny_warmup_steps: int = bounded(WarmupConfig.steps, ge=0)  #: vision warm-up steps of the "tiny" VLM (0: random)
-    dtype: str = choice("float32", DTYPES)  #: parameter dtype (use bfloat16 on GPU)
+    dtype: str = choice("float32", DTYPE_NAMES)  #: parameter dtype (use bfloat16 on GPU)
     attn_implementation: str | None = None  #: None lets transformers pick (sdpa); eager | sdpa | flash_attention_2
     gradient_checkpointing: bool = False  #: trade compute for memory on long sequences
     freeze_vision: bool = False  #: freeze the whole vision tower (features can then be reused across passes)

@@ -28,39 +28,17 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
 from torch import nn
 
 from vlm_mig.adapter import adapter_for
+from vlm_mig.data.clevr import IMAGE_SIZE
+from vlm_mig.model_options import WarmupConfig
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WarmupConfig:
-    """How the vision tower is warmed up (defaults measured to fit CPU minutes; see README)."""
-
-    steps: int = 1500  #: optimizer steps
-    batch_size: int = 32  #: scenes per step
-    lr: float = 2e-3  #: peak AdamW learning rate (the heads and the tower alike), decaying linearly to 0
-    #: weight of the whole-image count loss against the per-cell one (1.0: after the same SFT the language model
-    #: reads the scenes better than with 0.1; README "The embedded default model")
-    whole_image_weight: float = 1.0
-    scenes: int = 3000  #: training scenes (condition A, 1-6 objects), cycled through in a seeded order
-    eval_scenes: int = 300  #: held-out scenes for the accuracy recorded in the model folder
-    condition: str = "A"  #: CLEVR-CoGenT condition of the scenes
-    max_objects: int = 6  #: scenes hold 1..max_objects objects
-    threads: int = 1  #: torch threads while warming up (pinned: the result depends on the thread count)
-    data_seed: int = 7_000  #: seed of the warm-up scenes (disjoint from the demo's and the tests' seeds)
-
-    @classmethod
-    def for_steps(cls, steps: int) -> WarmupConfig:
-        """The default recipe cut to ``steps`` (a short warm-up draws only the scenes it can use)."""
-        scenes = min(cls.scenes, steps * cls.batch_size)
-        return cls(steps=steps, scenes=scenes, eval_scenes=min(cls.eval_scenes, max(32, scenes // 10)))
 
 
 def _attribute_values() -> list[tuple[str, tuple[str, ...]]]:
@@ -168,7 +146,7 @@ def count_accuracy(counts: torch.Tensor, targets: torch.Tensor) -> dict[str, flo
     return out
 
 
-def warm_up_vision(model, processor, cfg: WarmupConfig | None = None, seed: int = 0, image_size: int = 112,
+def warm_up_vision(model, processor, cfg: WarmupConfig | None = None, seed: int = 0, image_size: int = IMAGE_SIZE,
                    progress: bool = False) -> dict[str, Any]:
     """Train ``model``'s vision tower (patch embedding, blocks, merger) in place on the per-cell count targets;
     return a report (config, held-out count accuracy before and after, seconds). The language model is not
