@@ -23,7 +23,8 @@ from pathlib import Path
 from vlm_mig import report as rep
 from vlm_mig.demo import data as dd
 from vlm_mig.demo.plan import CLEAN, quick_of
-from vlm_mig.demo.run import _Timer, machine, model_and_data, sft_phase
+from vlm_mig.demo.run import machine, model_and_data, sft_phase
+from vlm_mig.timing import StageClock
 
 
 def main() -> None:
@@ -38,7 +39,7 @@ def main() -> None:
     if args.sft_steps:
         plan = dataclasses.replace(plan, sft_steps=args.sft_steps)
     out = Path(args.out)
-    timer, per_job, viewer = _Timer(), {}, {}
+    timer, per_job, viewer = StageClock(), {}, {}
     results: dict = {}
     t0 = time.perf_counter()
     machine_at_start = machine()
@@ -71,7 +72,7 @@ def main() -> None:
             "plan": dataclasses.asdict(plan), "machine": machine_at_start, "model": str(model_path), "warmup": warmup,
             "results": results, "blind_baseline": blind, "validation_curves": curves,
             "margin_over_blind_prior": margin, "margin_over_blank_control": control,
-            "wall_time_s": {**{k: round(v, 1) for k, v in timer.phases.items()}, "total": round(total, 1)},
+            "wall_time_s": {**timer.rounded(1), "total": round(total, 1)},
             "job_time_s": {k: round(v, 1) for k, v in per_job.items()}}, indent=1) + "\n")
 
 

@@ -15,13 +15,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from vlm_mig import report as rep
 from vlm_mig.demo.data import load, scene_objects
 from vlm_mig.demo.measure import credit_examples, evaluate_sets, headroom_of, strip_private, weight_movement
+from vlm_mig.timing import StageClock
 
 
 def _trained(config_path: str, mode: str):
@@ -55,18 +55,16 @@ def run_headroom(job: dict[str, Any]) -> dict[str, Any]:
 
     sets, objects = _sets(job)
     trainer = Trainer(load_config(job["config"]), mode="rl")
-    times: dict[str, float] = {}
-    t0 = time.perf_counter()
-    signal = gradient_signal(trainer)
-    times["gradient signal"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    greedy = [SampleRecord.from_json(json.loads(line)) for line in Path(job["greedy"]).read_text().splitlines()]
-    r = trainer.cfg.rollout
-    table = headroom_of(trainer.model, trainer.processor, trainer.template, sets["id"], objects["id"],
-                        trainer.train_data, samples_k=job["samples_k"], temperature=r.temperature, top_p=r.top_p,
-                        max_new_tokens=r.max_new_tokens, batch_size=job["eval_batch"], greedy=greedy)
-    times["samples"] = time.perf_counter() - t0
-    return {"headroom": {**table, "signal": signal}, "times": times, "viewer": {}}
+    clock = StageClock()
+    with clock("gradient signal"):
+        signal = gradient_signal(trainer)
+    with clock("samples"):
+        greedy = [SampleRecord.from_json(json.loads(line)) for line in Path(job["greedy"]).read_text().splitlines()]
+        r = trainer.cfg.rollout
+        table = headroom_of(trainer.model, trainer.processor, trainer.template, sets["id"], objects["id"],
+                            trainer.train_data, samples_k=job["samples_k"], temperature=r.temperature, top_p=r.top_p,
+                            max_new_tokens=r.max_new_tokens, batch_size=job["eval_batch"], greedy=greedy)
+    return {"headroom": {**table, "signal": signal}, "times": clock.times, "viewer": {}}
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -81,35 +79,39 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     if job["kind"] == "headroom":
         return run_headroom(job)
     sets, objects = _sets(job)
-    times: dict[str, float] = {}
-    t0 = time.perf_counter()
-    trainer = _trained(job["config"], job["kind"])
-    times["train"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ev = evaluate_sets(trainer.model, trainer.processor, trainer.template, job["label"], sets, objects,
-                       job["max_new_tokens"], job["eval_batch"], Path(job["out"]))
-    times["eval"] = time.perf_counter() - t0
+    clock = StageClock()
+    with clock("train"):
+        trainer = _trained(job["config"], job["kind"])
+    with clock("eval"):
+        ev = evaluate_sets(trainer.model, trainer.processor, trainer.template, job["label"], sets, objects,
+                           job["max_new_tokens"], job["eval_batch"], Path(job["out"]))
     weights = weight_movement(trainer.model, Path(job["start"])) if job.get("start") else None
     viewer: dict[str, list[rep.CreditExample]] = {}
     if job["viewer_examples"]:
-        t0 = time.perf_counter()
-        n = job["viewer_examples"]
-        for name, samples in sets.items():
-            records = ev[name]["_records"][:n]
-            viewer[f"{job['label']} {name}"] = credit_examples(
-                trainer.model, trainer.processor, trainer.template, samples[:n], [r.completion for r in records],
-                [_title(job["who"], s) for s in samples[:n]], records)
-        if job.get("score_gold"):
-            from vlm_mig.prompts import format_solution
+        with clock("steps.html scoring"):
+            _score_viewer(job, trainer, sets, ev, viewer)
+    return {"ev": strip_private(ev), "viewer": viewer, "times": clock.times, "weights": weights}
 
-            gold = [s for s in sets["id"][: max(1, n // 2)] if s.gold_steps]
-            viewer["gold"] = credit_examples(
-                trainer.model, trainer.processor, trainer.template, gold,
-                [format_solution(s.gold_steps, s.answer) for s in gold],
-                [f"gold solution · {s.id} ({s.meta.get('num_objects', '?')} objects), scored by {job['who']}"
-                 for s in gold])
-        times["steps.html scoring"] = time.perf_counter() - t0
-    return {"ev": strip_private(ev), "viewer": viewer, "times": times, "weights": weights}
+
+def _score_viewer(job: dict[str, Any], trainer, sets: dict[str, list], ev: dict[str, Any],
+                  viewer: dict[str, list[rep.CreditExample]]) -> None:
+    """The credit-viewer cards of the job's first completions per set (and, with ``score_gold``, of gold
+    solutions scored by this model), into ``viewer``."""
+    n = job["viewer_examples"]
+    for name, samples in sets.items():
+        records = ev[name]["_records"][:n]
+        viewer[f"{job['label']} {name}"] = credit_examples(
+            trainer.model, trainer.processor, trainer.template, samples[:n], [r.completion for r in records],
+            [_title(job["who"], s) for s in samples[:n]], records)
+    if job.get("score_gold"):
+        from vlm_mig.prompts import format_solution
+
+        gold = [s for s in sets["id"][: max(1, n // 2)] if s.gold_steps]
+        viewer["gold"] = credit_examples(
+            trainer.model, trainer.processor, trainer.template, gold,
+            [format_solution(s.gold_steps, s.answer) for s in gold],
+            [f"gold solution · {s.id} ({s.meta.get('num_objects', '?')} objects), scored by {job['who']}"
+             for s in gold])
 
 
 def _title(who: str, s) -> str:

@@ -37,18 +37,7 @@ from vlm_mig.demo.plan import (
 )
 from vlm_mig.demo.summary import report_md, results_table, training_examples, write_viewer
 from vlm_mig.outputs import check_output
-
-
-class _Timer:
-    def __init__(self) -> None:
-        self.phases: dict[str, float] = {}
-
-    def run(self, name: str, fn, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
+from vlm_mig.timing import StageClock
 
 
 def machine() -> dict[str, Any]:
@@ -109,7 +98,7 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, seeds: int = 1, 
     base = plan.name.removesuffix("-quick")
     command = (f"vlm-mig demo --out {out}" + (f" --plan {base}" if base != DEFAULT.name else "")
                + (" --quick" if plan.quick else "") + (f" --seeds {seeds}" if seeds != 1 else ""))
-    timer = _Timer()
+    timer = StageClock()
     per_job: dict[str, float] = {}
     machine_at_start = machine()
     if parallel is None:  # --quick: starting two fresh processes (~10 s of imports) costs more than it saves
@@ -135,7 +124,7 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, seeds: int = 1, 
     t0 = time.perf_counter()
     sft_phase(plan, paths, out, threads, report_to, parallel, results, viewer, timer, per_job)
     if parallel:
-        timer.phases["SFT runs side by side"] = time.perf_counter() - t0
+        timer.add("SFT runs side by side", time.perf_counter() - t0)
     sft_ckpt = out / "runs" / "sft" / f"checkpoint-{plan.sft_steps}"
 
     dd.say(f"== [{next(phase)}/{n_phases}] headroom before RL: {plan.headroom_samples} samples per ID item at the "
@@ -143,7 +132,7 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, seeds: int = 1, 
     t0 = time.perf_counter()
     headroom = headroom_phase(plan, paths, out, threads, parallel, timer, per_job)
     if parallel:
-        timer.phases["headroom side by side"] = time.perf_counter() - t0
+        timer.add("headroom side by side", time.perf_counter() - t0)
 
     runs: dict[str, list[Path]] = {m: [] for m in METHODS}
     for seed in range(seeds):
@@ -165,7 +154,7 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, seeds: int = 1, 
         for job, res in zip(jobs, run_jobs(jobs, parallel)):
             _collect(job, res, results, viewer, timer, per_job, parallel, seed=seed)
         if parallel:
-            timer.phases[f"seed {seed}: GRPO and MIG side by side"] = time.perf_counter() - t0
+            timer.add(f"seed {seed}: GRPO and MIG side by side", time.perf_counter() - t0)
 
     dd.say(f"== [{next(phase)}/{n_phases}] report")
     t0 = time.perf_counter()
@@ -184,8 +173,8 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, seeds: int = 1, 
     train_examples, when = training_examples(runs["mig"][0], plan.viewer_examples,
                                              {s.id: s.images[0] for s in dd.load(train_path) if s.images})
     write_viewer(out / "steps.html", viewer, train_examples, when, plan)
-    timer.phases["report"] = time.perf_counter() - t0
-    timer.phases["total"] = time.perf_counter() - t_start
+    timer.add("report", time.perf_counter() - t0)
+    total = time.perf_counter() - t_start  # wall time: phases run side by side overlap, so not timer.total
     full = {
         "command": command, "machine": machine_at_start, "load_average_1min_at_end": machine()["load_average_1min"],
         "plan": dataclasses.asdict(plan), "seeds": list(range(seeds)), "threads": threads, "parallel": parallel,
@@ -197,20 +186,20 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, seeds: int = 1, 
         "sft_checkpoint": str(sft_ckpt), "results": results, "blind_baseline": blind, "headroom": headroom,
         "paired": paired, "over_start": over_start, "speed": speed,
         "training_accuracy": training_trend(metrics, plan.smooth_window),
-        "credit": credit, "wall_time_s": {k: round(v, 2) for k, v in timer.phases.items()},
+        "credit": credit, "wall_time_s": {**timer.rounded(2), "total": round(total, 2)},
         "run_time_s": {k: round(v, 2) for k, v in per_job.items()},
         "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
     (out / "results.json").write_text(json.dumps(full, indent=1) + "\n")
     (out / "report.md").write_text(report_md(full, plan))
-    dd.say(f"demo finished in {rep.fmt_seconds(timer.phases['total'])}: {out / 'report.md'}, {out / 'curves.png'}, "
+    dd.say(f"demo finished in {rep.fmt_seconds(total)}: {out / 'report.md'}, {out / 'curves.png'}, "
            f"{out / 'steps.html'}, {out / 'results.json'}")
     dd.say(results_table(full))
     return full
 
 
 def model_and_data(plan: DemoPlan, root: Path, parallel: bool,
-                   timer: _Timer) -> tuple[Path, dict[str, Any] | None, dict[str, Path]]:
+                   timer: StageClock) -> tuple[Path, dict[str, Any] | None, dict[str, Path]]:
     """The tiny VLM with its vision warm-up (built once, cached; its report) and the data (``make_data``).
 
     Both are single-threaded CPU work with nothing in common, so with ``parallel`` the model is built by
@@ -232,8 +221,8 @@ def model_and_data(plan: DemoPlan, root: Path, parallel: bool,
             build.terminate()
             build.wait()
     path = tiny_model_dir("qwen2-vl", plan.warmup_steps, progress=True)  # built above, or here when not parallel
-    timer.phases["model (vision warm-up)" + (", beside the data" if parallel else "")] = (
-        time.perf_counter() - t0 - (0 if parallel else timer.phases["data"]))
+    timer.add("model (vision warm-up)" + (", beside the data" if parallel else ""),
+              time.perf_counter() - t0 - (0 if parallel else timer.times["data"]))
     dd.say(f"  {path}")
     return path, json.loads((path / "vlm_mig_tiny.json").read_text()).get("vision_warmup"), paths
 
@@ -250,7 +239,7 @@ def make_data(plan: DemoPlan, root: Path) -> dict[str, Path]:
 
 
 def sft_phase(plan: DemoPlan, paths: dict[str, Path], out: Path, threads: int, report_to: list[str], parallel: bool,
-              results: dict[str, Any], viewer: dict, timer: _Timer, per_job: dict[str, float],
+              results: dict[str, Any], viewer: dict, timer: StageClock, per_job: dict[str, float],
               validate_every: int = 0) -> None:
     """The SFT start and its companion run (side by side when ``parallel``), each evaluated on its own test sets;
     results go under ``sft`` and ``plan.control``. Testbed ``teacher``: the start learns the imperfect teacher's
@@ -283,7 +272,7 @@ def sft_jobs(plan: DemoPlan, paths: dict[str, Path], out: Path, threads: int, re
     return jobs
 
 
-def headroom_phase(plan: DemoPlan, paths: dict[str, Path], out: Path, threads: int, parallel: bool, timer: _Timer,
+def headroom_phase(plan: DemoPlan, paths: dict[str, Path], out: Path, threads: int, parallel: bool, timer: StageClock,
                    per_job: dict[str, float]) -> dict[str, Any]:
     """The headroom of the start (and, on the teacher testbed, of the ceiling) on the ID set: the same RL recipe
     (MIG's, so l_k are scored) reads its samples and one step's gradients; nothing is trained."""
@@ -307,14 +296,17 @@ def headroom_phase(plan: DemoPlan, paths: dict[str, Path], out: Path, threads: i
     return found
 
 
-def _file_times(label: str, times: dict[str, float], timer: _Timer, per_job: dict[str, float],
+def _file_times(label: str, times: dict[str, float], timer: StageClock, per_job: dict[str, float],
                 parallel: bool) -> None:
     """A job's phase times: beside the others when jobs ran side by side (they overlap), else in the total."""
     for k, v in times.items():
-        (per_job if parallel else timer.phases)[f"{label} {k}"] = v
+        if parallel:
+            per_job[f"{label} {k}"] = v
+        else:
+            timer.add(f"{label} {k}", v)
 
 
-def _collect(job: dict[str, Any], res: dict[str, Any], results: dict[str, Any], viewer: dict, timer: _Timer,
+def _collect(job: dict[str, Any], res: dict[str, Any], results: dict[str, Any], viewer: dict, timer: StageClock,
              per_job: dict[str, float], parallel: bool, seed: int | None = None) -> None:
     """File one job's results: evaluation under its model's key, credit cards, times."""
     label = job["label"]
