@@ -84,6 +84,21 @@ def test_vlm_mig_cli_has_the_demo_command():
     assert args.handler is demo_command and args.quick and args.seeds == 2
 
 
+def test_the_job_entry_runs_without_a_runpy_warning():
+    """``python -m vlm_mig.demo.jobs`` (each side-by-side job's process) starts clean: importing the package does
+    not import ``jobs`` first, so runpy has nothing to warn about (a warning is an error here)."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "vlm_mig.demo.jobs"],
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and "usage: python -m vlm_mig.demo.jobs" in res.stderr, res.stderr
+    assert "RuntimeWarning" not in res.stderr and "Traceback" not in res.stderr
+    code = "import sys, vlm_mig.demo; print('vlm_mig.demo.jobs' in sys.modules, 'vlm_mig.demo.run' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.split() == ["False", "False"]
+
+
 def test_quick_demo_writes_every_output_and_each_parses(tmp_path):
     from PIL import Image
 

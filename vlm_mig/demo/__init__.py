@@ -35,8 +35,22 @@ and headroom jobs and the process runner), ``measure`` (evaluation and statistic
 steps.html), ``run`` (the pipeline and the command line).
 """
 
+from typing import Any
+
 from vlm_mig.demo.plan import CLEAN, DEFAULT, PLANS, QUICK, TEACHER, DemoPlan
-from vlm_mig.demo.run import add_demo_command, demo_command, main, run_demo
 
 __all__ = ["CLEAN", "DEFAULT", "PLANS", "QUICK", "TEACHER", "DemoPlan", "add_demo_command", "demo_command", "main",
            "run_demo"]
+
+_FROM_RUN = ("add_demo_command", "demo_command", "main", "run_demo")
+
+
+def __getattr__(name: str) -> Any:
+    """The pipeline's names, imported on first use: importing the package must not import ``run`` (and through
+    it ``jobs``), or ``python -m vlm_mig.demo.jobs`` (a job's child process) finds its module already imported
+    and runpy warns."""
+    if name in _FROM_RUN:
+        from vlm_mig.demo import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

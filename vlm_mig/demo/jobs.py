@@ -141,9 +141,6 @@ def child_main(job_path: str, result_path: str) -> int:
     return code
 
 
-_CHILD = "import sys; from vlm_mig.demo.jobs import child_main; sys.exit(child_main(sys.argv[1], sys.argv[2]))"
-
-
 def run_jobs(jobs: list[dict[str, Any]], parallel: bool) -> list[dict[str, Any]]:
     """Run the jobs here one after the other, or side by side, each in a fresh Python process with its own
     progress line. Ctrl-C or SIGTERM stops the processes this call started."""
@@ -165,8 +162,8 @@ def run_jobs(jobs: list[dict[str, Any]], parallel: bool) -> list[dict[str, Any]]
             job_path.write_text(json.dumps(job))
             result_path.unlink(missing_ok=True)
             env = {**os.environ, "TQDM_POSITION": str(pos), "PYTHONUNBUFFERED": "1"}
-            # Not ``-m vlm_mig.demo.jobs``: the package imports this module first, and runpy warns about it.
-            procs.append(subprocess.Popen([sys.executable, "-c", _CHILD, str(job_path), str(result_path)], env=env))
+            procs.append(subprocess.Popen([sys.executable, "-m", "vlm_mig.demo.jobs", str(job_path), str(result_path)],
+                                          env=env))
             paths.append((job_path, result_path))
         for proc in procs:
             proc.wait()
