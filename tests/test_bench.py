@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -98,3 +99,28 @@ def test_mig_credit_compares_the_process_reward_variants(tmp_path, tiny_vl_dir):
                                                                 "mean/raw"}
     assert data["variants"]["mean/kept"]["noise"]["groups"] == 4
     assert "| mean/kept |" in res.stdout
+
+
+# TRL is the bench extra: looked for, never imported here (only the bench script's subprocess imports it).
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="needs the bench extra (trl)")
+def test_step_cost_runs_every_part_on_cpu(tmp_path, tiny_vl_dir):
+    grpo, _ = _clevr_config(tmp_path, tiny_vl_dir)
+    mig = tmp_path / "mig.yaml"
+    mig.write_text(grpo.read_text())
+    recipe = yaml.safe_load(grpo.read_text())
+    recipe["loss"].update(alpha=0.0, gamma=0.0)
+    grpo.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "cost.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "step_cost.py"), "--config-grpo", str(grpo),
+                          "--config-mig", str(mig), "--pairs", "1", "--warmup", "0", "--G", "2", "--new-tokens", "4",
+                          "--json", str(out)],
+                         capture_output=True, text=True,
+                         env={**os.environ, "TMPDIR": str(tmp_path), "VLM_MIG_CACHE": str(tmp_path / "cache")})
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["p2"]["mig_over_grpo"]["pairs"] == 1 and data["p2"]["lr"] == 0
+    assert data["p2"]["phases"]["mig"]["score"] > 0 and data["p2"]["same_completion_lengths_every_pair"]
+    assert data["p3"]["same_prompts_every_pair"] and data["p3"]["ours_over_trl"]["pairs"] == 1
+    assert data["p3"]["prompt_tokens"]["trl"] == sorted(set(data["p3"]["prompt_tokens"]["ours"]))
+    assert data["gen"]["engine_seeded_over_bare"]["ratio_median"] > 0
+    assert "| P3 our GRPO step / TRL GRPOTrainer step |" in res.stdout
