@@ -40,7 +40,7 @@ from _common import step_completion  # noqa: E402
 from vlm_mig.config import load_config  # noqa: E402
 from vlm_mig.data.loaders import load_jsonl  # noqa: E402
 from vlm_mig.data.synthetic import write_clevr  # noqa: E402
-from vlm_mig.mig import ScoreRow, prompt_rows, rollout_rows, score_rows  # noqa: E402
+from vlm_mig.forward import ScoreRow, prompt_pieces, rollout_rows, score_rows  # noqa: E402
 from vlm_mig.models import build_processor, build_tiny, build_tiny_tokenizer  # noqa: E402
 from vlm_mig.processing import encode_prompts, tokenizer_of  # noqa: E402
 from vlm_mig.prompts import DEFAULT_PROBE  # noqa: E402
@@ -134,7 +134,7 @@ def rescore_rollouts(model, processor, template, samples, r, probe, K, pixels, d
 
 def vllm_checks(trainer, samples, r) -> dict:
     """vLLM's own log-probs vs the trainer's teacher-forced ones on vLLM's tokens; greedy vLLM vs greedy HF."""
-    from vlm_mig.mig import teacher_forced_logprobs
+    from vlm_mig.forward import teacher_forced_logprobs
     from vlm_mig.processing import load_images
     from vlm_mig.rollout.base import assemble_rollouts, repeat_prompts
     from vlm_mig.rollout.vllm import pad_token_lists, prompt_token_ids, sampling_kwargs, vllm_prompts
@@ -247,8 +247,8 @@ def main() -> None:
 
     def packed():
         with torch.no_grad(), acc.autocast():
-            pieces = prompt_rows(model, batch.to(device))
-            rows = [ScoreRow(completion_ids=c.to(device), cuts=cuts, variants=[v.to(device) for v in vs], **p)
+            pieces = prompt_pieces(model, batch.to(device))
+            rows = [ScoreRow(prompt=p, completion_ids=c.to(device), cuts=cuts, variants=[v.to(device) for v in vs])
                     for p, (c, cuts), vs in zip(pieces, comps, variants)]
             return score_rows(model, rows, probe.to(device))
 

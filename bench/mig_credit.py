@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     from vlm_mig.advantages import group_normalize
     from vlm_mig.config import load_config
     from vlm_mig.data.clevr import equations
-    from vlm_mig.mig import encode_answers, final_score, pad_rows, process_reward, rollout_rows, score_rows, step_gains
+    from vlm_mig.forward import pad_rows, rollout_rows, score_rows
+    from vlm_mig.mig import encode_answers, final_score, process_reward, step_gains
     from vlm_mig.processing import tokenizer_of
     from vlm_mig.rewards import extract_answer
     from vlm_mig.rl import stages

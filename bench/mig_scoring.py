@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import step_completion, timeit
 
 from vlm_mig.data.schema import Sample
-from vlm_mig.mig import ScoreRow, prompt_rows, score_rows
+from vlm_mig.forward import ScoreRow, prompt_pieces, score_rows
 from vlm_mig.models import build_tiny, load_model, load_processor, smollm2_dir
 from vlm_mig.processing import encode_prompts, tokenizer_of
 from vlm_mig.prompts import DEFAULT_PROBE
@@ -81,15 +81,15 @@ def bench_model(name: str, model_dir, samples: list[Sample], ks: list[int], repe
 
         @torch.no_grad()
         def packed():
-            prompts = prompt_rows(model, batch)
-            rows = [ScoreRow(completion_ids=c, cuts=cuts, variants=v, **p)
+            prompts = prompt_pieces(model, batch)
+            rows = [ScoreRow(prompt=p, completion_ids=c, cuts=cuts, variants=v)
                     for p, (c, cuts), v in zip(prompts, comps, variants)]
             return score_rows(model, rows, probe)
 
         @torch.no_grad()
         def plain_same_machinery():
-            prompts = prompt_rows(model, batch)
-            rows = [ScoreRow(completion_ids=c, cuts=[], variants=[], **p) for p, (c, _) in zip(prompts, comps)]
+            prompts = prompt_pieces(model, batch)
+            rows = [ScoreRow(prompt=p, completion_ids=c, cuts=[], variants=[]) for p, (c, _) in zip(prompts, comps)]
             return score_rows(model, rows, probe)
 
         @torch.no_grad()

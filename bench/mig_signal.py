@@ -82,7 +82,8 @@ def train_sft(sizes: Sizes, seed: int, work_dir: Path, threads: int) -> tuple[Pa
 def rollouts_and_rows(model, processor, sizes: Sizes, seed: int, work_dir: Path):
     """Held-out prompts, their rollouts (one generate call per 8 prompts) and the scored rows' inputs."""
     from vlm_mig.data.sources import load_source
-    from vlm_mig.mig import encode_answers, rollout_rows
+    from vlm_mig.forward import rollout_rows
+    from vlm_mig.mig import encode_answers
     from vlm_mig.processing import PromptTemplate, tokenizer_of
     from vlm_mig.prompts import DEFAULT_PROBE, SYSTEM_PROMPT
     from vlm_mig.rewards import RewardSpec, compute_rewards
@@ -119,11 +120,12 @@ def rollouts_and_rows(model, processor, sizes: Sizes, seed: int, work_dir: Path)
 def score_all(model, rows, precision: str) -> list[torch.Tensor]:
     """l_k of every row (l_0 after the empty think) in one precision: fp32, bf16 autocast over fp32 weights
     (the GPU recipes' ``trainer.bf16``), or bf16 weights."""
-    from vlm_mig.mig import score_rows
+    from vlm_mig.forward import score_rows
 
     if precision == "bf16_weights":
         model = copy.deepcopy(model).to(torch.bfloat16)
-        rows = [r if r.image_embeds is None else replace(r, image_embeds=r.image_embeds.to(torch.bfloat16))
+        rows = [r if r.prompt.image_embeds is None else
+                replace(r, prompt=replace(r.prompt, image_embeds=r.prompt.image_embeds.to(torch.bfloat16)))
                 for r in rows]
     probe = torch.zeros(0, dtype=torch.long)  # every copy's probe comes with its answer (encode_answers)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16_autocast"):
@@ -132,7 +134,8 @@ def score_all(model, rows, precision: str) -> list[torch.Tensor]:
 
 def l0_after(model, tok, rows, samples, opener: str) -> list[float | None]:
     """l_0 of each row scored after ``<think>`` + ``opener`` (fp32, copy 0 alone)."""
-    from vlm_mig.mig import encode_answers, first_copy_rows, score_rows
+    from vlm_mig.forward import first_copy_rows, score_rows
+    from vlm_mig.mig import encode_answers
     from vlm_mig.prompts import DEFAULT_PROBE
 
     scored = [i for i, r in enumerate(rows) if r.cuts]

@@ -86,3 +86,34 @@ def test_an_unknown_vision_language_family_is_an_error_naming_it():
     config.model_type = "llava"
     with pytest.raises(ValueError, match="no adapter for vision-language model type 'llava'.*vlm_mig/adapter.py"):
         adapter_for(config)
+
+
+def test_one_vlm_test_and_the_processor_side_answer_for_every_kind_of_handle(tiny_dirs, make_image):
+    """``is_multimodal`` takes a model, its config, its checkpoint folder or its processor; the processor resolves
+    to its family's adapter, which sizes the images and says how many pixel rows each holds."""
+    from vlm_mig.adapter import is_multimodal
+    from vlm_mig.rollout import select_prompts
+
+    for arch, vlm in (("qwen2-vl", True), ("qwen2.5-vl", True), ("qwen2", False)):
+        model, proc = load_model(tiny_dirs[arch]), load_processor(tiny_dirs[arch])
+        for handle in (model, model.config, tiny_dirs[arch], str(tiny_dirs[arch]), proc):
+            assert is_multimodal(handle) is vlm, (arch, type(handle).__name__)
+        assert adapter_for(proc) is adapter_for(model)
+    assert not is_multimodal(tokenizer_of(load_processor(tiny_dirs["qwen2-vl"])))
+    proc = load_processor(tiny_dirs["qwen2-vl"])
+    samples = [Sample(id=f"s{i}", question="How many?", answer="1",
+                      images=[str(make_image(f"{i}.png", size=(56 * (i + 1), 56)))]) for i in range(3)]
+    batch = encode_prompts(proc, samples)
+    assert batch.image_patches == batch.image_grid_thw.prod(-1).tolist() and sum(batch.image_patches) == len(
+        batch.pixel_values)
+    picked = select_prompts(batch, [2, 0, 2])  # images of different sizes, reordered and repeated
+    alone = [encode_prompts(proc, [samples[i]]) for i in (2, 0, 2)]
+    assert torch.equal(picked.pixel_values, torch.cat([b.pixel_values for b in alone]))
+    assert picked.image_patches == [b.image_patches[0] for b in alone]
+
+
+def test_text_continues_positions_where_the_family_says():
+    three = torch.tensor([[0, 1, 2, 2, 3], [0, 1, 2, 5, 6], [0, 1, 2, 4, 5]])  # an image ran the w axis ahead
+    assert Qwen2VLAdapter().text_positions(three, 2).tolist() == [[7, 8]] * 3
+    assert TEXT.text_positions(torch.tensor([0, 1, 2]), 2).tolist() == [3, 4]
+    assert TEXT.text_positions(torch.zeros(0, dtype=torch.long), 1).tolist() == [0]

@@ -403,7 +403,7 @@ def test_model_options_match_the_model_code():
     from vlm_mig import model_options, models, warmup
     from vlm_mig.config import ModelConfig
 
-    assert models.ARCHES == model_options.ARCHES
+    assert models.ARCHES is model_options.ARCHES  # one tuple, imported
     assert set(models.DTYPES) == set(model_options.DTYPE_NAMES)
     assert warmup.WarmupConfig is model_options.WarmupConfig
     assert ModelConfig().tiny_warmup_steps == model_options.WarmupConfig.steps

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vlm_mig.advantages import AdvantageConfig, compute_advantages, group_normalize
-from vlm_mig.losses import Denominators, LossConfig, k3_kl, pg_loss, sft_gate, sft_loss, total_loss
+from vlm_mig.losses import Denominators, LossConfig, LossInputs, k3_kl, pg_loss, sft_gate, sft_loss, total_loss
 
 EPS = 1e-4
 NAN = float("nan")
@@ -128,7 +128,10 @@ def test_worked_example_trajectory_credit():
 
     new, old, ref = _logps()
     loss, d = total_loss(
-        new, old, M_FULL, M_COT, adv.tok_out, adv.tok_proc, ref_logp=ref, acc=ACC, fmt=FMT, r_proc=r_proc
+        new,
+        LossInputs(
+            M_FULL, M_COT, adv.tok_out, adv.tok_proc, old_logp=old, ref_logp=ref, acc=ACC, fmt=FMT, r_proc=r_proc
+        ),
     )
     # PG_out (grpo): per-sequence means r1 min(1.5a, 1.2a) = 1.2a, r2 a, r3 min(-0.5a, -0.8a) = -0.8a, r4 -a
     pg_out = -(1.2 * A + A - 0.8 * A - A) / 4
@@ -163,16 +166,10 @@ def test_worked_example_trajectory_credit():
     # The third gate (R_proc > 0) drops r2, the lucky guess: SFT then imitates r1 only.
     _loss3, d3 = total_loss(
         new,
-        old,
-        M_FULL,
-        M_COT,
-        adv.tok_out,
-        adv.tok_proc,
+        LossInputs(
+            M_FULL, M_COT, adv.tok_out, adv.tok_proc, old_logp=old, ref_logp=ref, acc=ACC, fmt=FMT, r_proc=r_proc
+        ),
         LossConfig(sft_gate_proc=True),
-        ref_logp=ref,
-        acc=ACC,
-        fmt=FMT,
-        r_proc=r_proc,
     )
     assert d3["sft"].item() == pytest.approx(1 - LN15, rel=1e-5)
     assert d3["sft_gate_rate"].item() == 0.25
@@ -230,14 +227,18 @@ def test_ratio_stats_ignore_padding():
     logp = torch.tensor([[0.4, 0.4, 9.0], [0.2, -9.0, -9.0]])
     mask = torch.tensor([[True, True, False], [True, False, False]])
     _, d = total_loss(
-        logp, torch.zeros(2, 3), mask, mask, torch.zeros(2), torch.zeros(2), LossConfig(gamma=0, kl_coef=0)
+        logp,
+        LossInputs(mask, mask, torch.zeros(2), torch.zeros(2), old_logp=torch.zeros(2, 3)),
+        LossConfig(gamma=0, kl_coef=0),
     )
     assert d["ratio_min"].item() == pytest.approx(math.exp(0.2)) and d["ratio_max"].item() == pytest.approx(
         math.exp(0.4)
     )
     empty = torch.zeros(2, 3, dtype=torch.bool)
     _, d = total_loss(
-        logp, torch.zeros(2, 3), empty, empty, torch.zeros(2), torch.zeros(2), LossConfig(gamma=0, kl_coef=0)
+        logp,
+        LossInputs(empty, empty, torch.zeros(2), torch.zeros(2), old_logp=torch.zeros(2, 3)),
+        LossConfig(gamma=0, kl_coef=0),
     )
     assert d["ratio_min"].item() == 1.0 and d["ratio_max"].item() == 1.0 and d["clip_frac_out"].item() == 0
 
@@ -283,15 +284,17 @@ def test_grpo_is_alpha_gamma_zero():
     adv = compute_advantages(rewards, torch.randn(b, generator=gen), mask, m_cot, group)
     loss, d = total_loss(
         ours_logp,
-        old,
-        mask,
-        m_cot,
-        adv.tok_out,
-        adv.tok_proc,
+        LossInputs(
+            mask,
+            m_cot,
+            adv.tok_out,
+            adv.tok_proc,
+            old_logp=old,
+            ref_logp=ref,
+            acc=(rewards > 1).float(),
+            fmt=torch.ones(b),
+        ),
         LossConfig(alpha=0.0, gamma=0.0),
-        ref_logp=ref,
-        acc=(rewards > 1).float(),
-        fmt=torch.ones(b),
     )
     loss.backward()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
@@ -312,20 +315,13 @@ def test_microbatches_sum_to_full_batch():
     acc, fmt = (torch.rand(b, generator=gen) < 0.5).float(), (torch.rand(b, generator=gen) < 0.7).float()
     for norm in ("grpo", "dapo", "dr_grpo"):
         cfg = LossConfig(normalizer=norm, max_completion_length=16)
-        full, _ = total_loss(base, old, mf, mc, a_out, a_proc, cfg, ref_logp=ref, acc=acc, fmt=fmt)
+        full, _ = total_loss(base, LossInputs(mf, mc, a_out, a_proc, old_logp=old, ref_logp=ref, acc=acc, fmt=fmt), cfg)
         den = Denominators.from_batch(mc, mf, sft_gate(acc, fmt), cfg)
         parts = sum(
             total_loss(
                 base[s],
-                old[s],
-                mf[s],
-                mc[s],
-                a_out[s],
-                a_proc[s],
+                LossInputs(mf[s], mc[s], a_out[s], a_proc[s], old_logp=old[s], ref_logp=ref[s], acc=acc[s], fmt=fmt[s]),
                 cfg,
-                ref_logp=ref[s],
-                acc=acc[s],
-                fmt=fmt[s],
                 denominators=den,
             )[0]
             for s in (slice(0, 3), slice(3, 8))
@@ -349,13 +345,7 @@ def test_sft_no_gated_rollout_is_zero_with_graph():
     assert logp.grad is not None and (logp.grad == 0).all()
     # all weights zero still gives a loss attached to the graph
     total, d = total_loss(
-        logp,
-        None,
-        mask,
-        mask,
-        torch.zeros(3),
-        torch.zeros(3),
-        LossConfig(alpha=0, beta=0, gamma=0, kl_coef=0),
+        logp, LossInputs(mask, mask, torch.zeros(3), torch.zeros(3)), LossConfig(alpha=0, beta=0, gamma=0, kl_coef=0)
     )
     total.backward()
     assert total.item() == 0.0 and d["sft_gate_rate"].item() == 0
@@ -368,13 +358,17 @@ def test_single_gate_sft_ablations():
     assert sft_gate(acc, fmt, gates="format").tolist() == [True, False, True, False]
     assert sft_gate(acc, fmt, gates="accuracy").tolist() == [True, True, False, False]
     assert sft_gate(acc, fmt, torch.tensor([0.0, 1.0, 1.0, 1.0]), gate_proc=True, gates="accuracy").tolist() == [
-        False, True, False, False]
+        False,
+        True,
+        False,
+        False,
+    ]
     # In the total loss the SFT term imitates exactly the gated rows.
     logp = torch.tensor([[-1.0, -1.0], [-2.0, -2.0], [-4.0, -4.0], [-8.0, -8.0]])
     m = torch.ones(4, 2, dtype=torch.bool)
     for gates, want in (("both", 1.0), ("format", 2.5), ("accuracy", 1.5)):
         cfg = LossConfig(alpha=0, beta=0, kl_coef=0, gamma=1.0, sft_gates=gates)
-        _, d = total_loss(logp, None, m, m, torch.zeros(4), torch.zeros(4), cfg, acc=acc, fmt=fmt)
+        _, d = total_loss(logp, LossInputs(m, m, torch.zeros(4), torch.zeros(4), acc=acc, fmt=fmt), cfg)
         assert d["sft"].item() == pytest.approx(want), gates
     with pytest.raises(ValueError, match="sft_gates"):
         LossConfig(sft_gates="structural")
@@ -392,9 +386,9 @@ def test_missing_inputs_are_errors():
     x = torch.zeros(2, 3)
     m = torch.ones(2, 3, dtype=torch.bool)
     with pytest.raises(ValueError, match="ref_logp"):
-        total_loss(x, x, m, m, torch.zeros(2), torch.zeros(2), LossConfig(gamma=0))
-    with pytest.raises(ValueError, match="acc and fmt"):
-        total_loss(x, x, m, m, torch.zeros(2), torch.zeros(2), LossConfig(kl_coef=0))
+        total_loss(x, LossInputs(m, m, torch.zeros(2), torch.zeros(2), old_logp=x), LossConfig(gamma=0))
+    with pytest.raises(ValueError, match="acc and fmt to compute it"):
+        total_loss(x, LossInputs(m, m, torch.zeros(2), torch.zeros(2), old_logp=x), LossConfig(kl_coef=0))
     with pytest.raises(ValueError):
         sft_gate(torch.ones(2), torch.ones(2), gate_proc=True)
 
@@ -443,16 +437,18 @@ def test_total_loss_always_finite(x, norm, gate_proc, garbage_padding):
     cfg = LossConfig(normalizer=norm, sft_gate_proc=gate_proc, eps_clip_high=0.28)
     loss, d = total_loss(
         logp,
-        old,
-        x["mf"],
-        x["mc"],
-        x["a_out"],
-        x["a_proc"],
+        LossInputs(
+            x["mf"],
+            x["mc"],
+            x["a_out"],
+            x["a_proc"],
+            old_logp=old,
+            ref_logp=ref,
+            acc=x["acc"],
+            fmt=x["fmt"],
+            r_proc=x["r_proc"],
+        ),
         cfg,
-        ref_logp=ref,
-        acc=x["acc"],
-        fmt=x["fmt"],
-        r_proc=x["r_proc"],
         entropy=x["entropy"],
     )
     loss.backward()

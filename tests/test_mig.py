@@ -7,14 +7,12 @@ import torch
 
 from vlm_mig.advantages import group_normalize
 from vlm_mig.data.schema import Sample
+from vlm_mig.forward import ScoreRow, prompt_pieces, score_rows
 from vlm_mig.mig import (
-    ScoreRow,
     answer_scores,
     credited_watermark,
     encode_answers,
     process_reward,
-    prompt_rows,
-    score_rows,
     step_gains,
     watermark,
 )
@@ -128,9 +126,9 @@ def test_opener_and_answer_scores_equal_naive_passes(tiny_text_dir):
     ids, cuts = _completion(tok, ["5 + 3 = 8.", "So Tom has 18 apples."], "18")
     batch = encode_prompts(processor, [sample])
     with torch.no_grad():
-        (p,) = prompt_rows(model, batch)
+        (p,) = prompt_pieces(model, batch)
         enc = encode_answers(tok, sample.variants, DEFAULT_PROBE, opener="\n")
-        row = ScoreRow(completion_ids=ids, cuts=cuts, **enc, **p)
+        row = ScoreRow(prompt=p, completion_ids=ids, cuts=cuts, **enc)
         no_probe = torch.zeros(0, dtype=torch.long)  # every copy's context comes from enc
         packed = {m: score_rows(model, [row], no_probe, answer_score=m)[0] for m in ("mean", "sum", "digits", "margin")}
     for k, c in enumerate(cuts):
@@ -207,12 +205,12 @@ def _check_packed_equals_naive(model_dir, samples, completions, probe_text=DEFAU
     probe = torch.tensor(tok.encode(probe_text, add_special_tokens=False), dtype=torch.long)
     batch = encode_prompts(processor, samples)
     with torch.no_grad():
-        prompts = prompt_rows(model, batch)
+        prompts = prompt_pieces(model, batch)
         rows = []
         for p, s, (steps, answer) in zip(prompts, samples, completions):
             ids, cuts = _completion(tok, steps, answer)
             variants = [torch.tensor(tok.encode(v, add_special_tokens=False)) for v in s.variants]
-            rows.append(ScoreRow(completion_ids=ids, cuts=cuts, variants=variants, **p))
+            rows.append(ScoreRow(prompt=p, completion_ids=ids, cuts=cuts, variants=variants))
         # A tiny token budget forces several micro-batches, exercising the bounded-memory path too.
         packed = score_rows(model, rows, probe, max_tokens_per_batch=400)
     worst = 0.0

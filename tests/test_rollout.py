@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from vlm_mig.data.schema import Sample
-from vlm_mig.mig import teacher_forced_logprobs
+from vlm_mig.forward import teacher_forced_logprobs
 from vlm_mig.models import load_model, load_processor
 from vlm_mig.processing import encode_prompts
 from vlm_mig.rollout import HFRolloutEngine, RolloutConfig, repeat_prompts
@@ -76,7 +76,7 @@ def test_hf_engine_samples_groups_and_teacher_forced_logprobs(tiny_vl_dir, make_
 def test_logprobs_follow_the_sampling_temperature(tiny_vl_dir, make_image):
     """At T != 1 the rollouts come from softmax(logits / T): the old log-probs (and so the ratio and the loss
     pass, which share ``packed_forward``) are taken under it, while the step scores l_k stay at T = 1."""
-    from vlm_mig.mig import ScoreRow, packed_forward, prompt_rows
+    from vlm_mig.forward import ScoreRow, packed_forward, prompt_pieces
 
     engine = _engine(tiny_vl_dir, num_generations=2, max_new_tokens=10, temperature=0.5)
     sample = Sample(id="a", question="How many items?", images=[str(make_image("a.png"))], answer="3")
@@ -95,8 +95,8 @@ def test_logprobs_follow_the_sampling_temperature(tiny_vl_dir, make_image):
     assert torch.allclose(plain[i, :n], logits.float().log_softmax(-1).gather(-1, tgt).squeeze(-1), atol=1e-4)
     assert not torch.allclose(cold[i, :n], plain[i, :n], atol=1e-3)
     # l_k of a scored row do not move with the temperature; its completion log-probs do.
-    piece = prompt_rows(engine.model, one)[0]
-    row = ScoreRow(completion_ids=r.completion_ids[i, :n], cuts=[0, n], variants=[torch.tensor([5])], **piece)
+    piece = prompt_pieces(engine.model, one)[0]
+    row = ScoreRow(prompt=piece, completion_ids=r.completion_ids[i, :n], cuts=[0, n], variants=[torch.tensor([5])])
     with torch.no_grad():
         at1, at05 = (packed_forward(engine.model, [row], torch.tensor([6, 7]), temperature=t)[0] for t in (1.0, 0.5))
     assert torch.equal(at1.l, at05.l)

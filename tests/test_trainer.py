@@ -3,6 +3,7 @@ two processes on CPU equal one process with the same global batch."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -32,7 +33,7 @@ def _rl_overrides(tiny_vl_dir, out, steps, **extra):
         "model.name_or_path": str(tiny_vl_dir), "trainer.output_dir": str(out), "trainer.max_steps": steps,
         "trainer.eval_steps": 0, "trainer.progress": False, "trainer.threads": 1, "trainer.report_to": "[]",
         "data.synthetic_n": 16, "data.validation": "null", "rollout.num_generations": 4,
-        "rollout.max_new_tokens": 24, "trainer.prompts_per_step": 2, "trainer.micro_batch_size": 3,
+        "rollout.max_new_tokens": 24, "trainer.prompts_per_step": 2, "trainer.micro_batch_size": 4,
         "optim.lr": 1e-3, "trainer.sample_log_steps": 1,
     }
     o.update(extra)
@@ -113,9 +114,11 @@ def test_teacher_errors_rewrite_sft_targets_and_rl_refuses_them_and_single_rollo
     assert not (tmp_path / "g1").exists()
 
 
-@pytest.mark.parametrize("variant", ["mig", "grpo"])
+@pytest.mark.parametrize("variant", ["mig", "mig-two-pass", "grpo"])
 def test_train_step_logs_every_spec_metric(tiny_vl_dir, tmp_path, variant):
     extra = {"loss.alpha": 0, "loss.gamma": 0} if variant == "grpo" else {"advantage.process_credit": "step"}
+    if variant == "mig-two-pass":  # micro-batches across groups: the l_k are scored before the update
+        extra["trainer.micro_batch_size"] = 3
     cfg = load_config(None, _rl_overrides(tiny_vl_dir, tmp_path / variant, 2, **extra))
     Trainer(cfg, mode="rl").train()
     rows = [json.loads(x) for x in (tmp_path / variant / "metrics.jsonl").read_text().splitlines()]
@@ -127,6 +130,75 @@ def test_train_step_logs_every_spec_metric(tiny_vl_dir, tmp_path, variant):
     assert (tmp_path / variant / "tensorboard").exists() is False  # report_to [] writes none
     ids = [json.loads(x)["ids"] for x in (tmp_path / variant / "prompts_rank0.jsonl").read_text().splitlines()]
     assert len(ids) == 2 and len(ids[0]) == 2
+
+
+class _Grads:
+    """The update's Learner with the trainer's passes, keeping the gradient instead of stepping."""
+
+    def __init__(self, trainer):
+        self.trainer, self.device = trainer, trainer.device
+        self.params = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    def completion_logprobs(self, rollouts, rows, scoring=None):
+        return self.trainer.completion_logprobs(rollouts, rows, scoring)
+
+    def backward(self, loss, last):
+        self.trainer.backward(loss, last)
+
+    def optimizer_step(self):
+        self.grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params])
+        for p in self.params:
+            p.grad = None
+        return 0.0
+
+
+@pytest.mark.parametrize("credit", ["trajectory", "step"])
+def test_scoring_in_the_update_equals_scoring_before_it(sft_vl_dir, tmp_path, credit):
+    """The l_k from the update's own forward (micro-batches of whole groups) give the loss and gradient of the
+    separate score pass."""
+    from vlm_mig.rl import stages
+
+    over = _rl_overrides(sft_vl_dir, tmp_path / "rl", 1, **{
+        "rollout.max_new_tokens": 40, "trainer.micro_batch_size": 6, "advantage.process_credit": credit})
+    cfg = load_config(None, over)
+    trainer = Trainer(cfg, "rl")
+    assert stages.in_update_blocker(cfg) is None and trainer.scorer.in_update
+    samples, seeds = trainer.batch_for(0, 3)
+    runs = {}
+    for fused in (False, True):
+        batch = stages.rollout(trainer.engine, samples, seeds)
+        stages.segment(batch, trainer.tok, trainer.step_cfg)
+        stages.reward(batch, trainer.reward_specs)
+        scorer = dataclasses.replace(trainer.scorer, in_update=fused)
+        stages.score(batch, scorer)
+        in_update = stages.InUpdate(stages.step_scoring(batch, scorer), cfg.mig, cfg.advantage) if fused else None
+        if not fused:
+            stages.advantages(batch, cfg.advantage, cfg.mig.min_spread, trainer.acc)
+        learner = _Grads(trainer)
+        upd = stages.update(batch, learner, cfg.loss, micro_batch_size=cfg.trainer.micro_batch_size,
+                            num_iterations=1, dist=trainer.acc, in_update=in_update)
+        runs[fused] = batch, learner.grad, sum(float(d["loss"]) for _, d in upd.diagnostics), len(upd.diagnostics)
+    (two, g2, loss2, n2), (one, g1, loss1, n1) = runs[False], runs[True]
+    assert n1 == 3 and n2 == 2  # 12 rows: micro-batches of one whole group (4 rows) vs 6 + 6 across groups
+    assert float(two.r_proc.abs().sum()) > 0 and float(two.adv.tok_proc.abs().sum()) > 0, "a process signal to test"
+    for name in ("l", "gains", "watermark", "r_proc"):
+        assert torch.allclose(getattr(one, name), getattr(two, name), atol=1e-5), name
+    assert torch.allclose(one.adv.tok_proc, two.adv.tok_proc, atol=1e-5)
+    assert loss1 == pytest.approx(loss2, abs=1e-5)
+    assert float(g2.abs().max()) > 0 and torch.allclose(g1, g2, atol=1e-5, rtol=0), float((g1 - g2).abs().max())
+
+
+def test_shipped_mig_configs_score_in_the_update_and_say_why_when_not():
+    from vlm_mig.rl import stages
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("tiny_clevr_mig.yaml", "qwen2vl_2b_superclevr_mig.yaml", "qwen25_math_mig.yaml"):
+        assert stages.in_update_blocker(load_config(root / name)) is None, name
+    cfg = load_config(root / "tiny_clevr_mig.yaml", ["trainer.micro_batch_size=4"])
+    assert "smaller than a group" in stages.in_update_blocker(cfg)
+    cfg = load_config(root / "tiny_clevr_mig.yaml", ["trainer.num_iterations=2"])
+    assert "num_iterations" in stages.in_update_blocker(cfg)
+    assert "no step scores" in stages.in_update_blocker(load_config(root / "tiny_clevr_grpo.yaml"))
 
 
 def test_resume_after_clean_stop_is_exact(tiny_vl_dir, tmp_path):
@@ -232,7 +304,9 @@ def test_two_processes_share_the_batch_std_of_step_credit(sft_vl_dir, tmp_path):
 def test_visual_evidence_noise_floor_and_ablations_are_wired(sft_vl_dir, tmp_path):
     out = tmp_path / "rl"
     over = _rl_overrides(sft_vl_dir, out, 1, **{
+        # T = 0.7: the 30-step SFT start writes its <think> steps more reliably, so the logged rows get l_k.
         "mig.visual_evidence": "true", "rollout.max_new_tokens": 40, "trainer.prompts_per_step": 4,
+        "rollout.temperature": 0.7,
         "mig.l0_context": "opener", "mig.answer_score": "digits", "mig.watermark": "false", "mig.min_gain": 0.01,
         "mig.min_spread": 100.0, "advantage.process_mask": "full", "loss.sft_gates": "format"})
     Trainer(load_config(None, over), "rl").train()

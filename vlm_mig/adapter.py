@@ -14,6 +14,7 @@ Adapters hold no state; they take the model (a peft wrapper is looked through) o
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -63,9 +64,25 @@ class TextAdapter:
         pos = attention_mask.long().cumsum(-1) - 1
         return pos.masked_fill(attention_mask == 0, 0)
 
+    def text_positions(self, before: torch.Tensor, n: int) -> torch.Tensor:
+        """Position ids of ``n`` text tokens appended after tokens whose ids are ``before`` ([k], in the shape
+        ``position_ids`` gives one row): where a completion or a packed probe copy continues."""
+        start = int(before[-1]) + 1 if before.numel() else 0
+        return torch.arange(start, start + n)
+
     def vision_tower(self, model: Any) -> nn.Module | None:
         """The vision encoder (None for a text model)."""
         return None
+
+    # The processor side: how images are sized before the processor sees them, and how its pixel rows map to them
+
+    def size_image(self, image: Any, min_pixels: int | None = None, max_pixels: int | None = None) -> Any:
+        """An image (path, URL or PIL image) opened and resized as this family's processor expects it."""
+        raise ValueError(f"a {self.name} model takes no images")
+
+    def image_patches(self, image_grid_thw: torch.Tensor | None) -> list[int]:
+        """How many rows of the processor's ``pixel_values`` each image of a batch holds, in order."""
+        return []
 
     def patch_embedding(self, model: Any) -> nn.Module | None:
         """The vision tower's first layer (frozen by default: a random one collapses under AdamW)."""
@@ -115,8 +132,29 @@ class Qwen2VLAdapter(TextAdapter):
                                                    image_grid_thw=image_grid_thw, attention_mask=attention_mask)
         return pos
 
+    def text_positions(self, before: torch.Tensor, n: int) -> torch.Tensor:
+        """[3, n]: text continues from the largest id so far on all three axes (as ``get_rope_index`` does after
+        an image, whose width and height ids can run past the temporal ones)."""
+        start = int(before.max()) + 1 if before.numel() else 0
+        return torch.arange(start, start + n).unsqueeze(0).expand(3, n)
+
     def vision_tower(self, model: Any) -> nn.Module | None:
         return self._inner(model).visual
+
+    def size_image(self, image: Any, min_pixels: int | None = None, max_pixels: int | None = None) -> Any:
+        """qwen-vl-utils sizing: sides rounded to multiples of 28 within ``min_pixels``..``max_pixels``."""
+        from qwen_vl_utils import fetch_image
+
+        spec: dict[str, Any] = {"image": image}
+        if min_pixels is not None:
+            spec["min_pixels"] = min_pixels
+        if max_pixels is not None:
+            spec["max_pixels"] = max_pixels
+        return fetch_image(spec)
+
+    def image_patches(self, image_grid_thw: torch.Tensor | None) -> list[int]:
+        """One row per patch: t x h x w of each image's grid."""
+        return [] if image_grid_thw is None else image_grid_thw.prod(-1).tolist()
 
 
 class Qwen25VLAdapter(Qwen2VLAdapter):
@@ -128,11 +166,22 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
 
 #: transformers ``model_type`` -> adapter of that vision-language family
 ADAPTERS: dict[str, TextAdapter] = {"qwen2_vl": Qwen2VLAdapter(), "qwen2_5_vl": Qwen25VLAdapter()}
+#: transformers processor class -> the ``model_type`` it serves
+PROCESSORS: dict[str, str] = {"Qwen2VLProcessor": "qwen2_vl", "Qwen2_5_VLProcessor": "qwen2_5_vl"}
 TEXT = TextAdapter()
 
 
 def adapter_for(model_or_config: Any) -> TextAdapter:
-    """The adapter of a model (peft-wrapped or not) or of its transformers config."""
+    """The adapter of a model (peft-wrapped or not), of its transformers config, or of its processor (a plain
+    tokenizer is a text model's)."""
+    if hasattr(model_or_config, "image_processor"):
+        for cls in type(model_or_config).__mro__:  # a subclass of a known processor is served alike
+            if cls.__name__ in PROCESSORS:
+                return ADAPTERS[PROCESSORS[cls.__name__]]
+        raise ValueError(f"no adapter for processor {type(model_or_config).__name__} (known: {', '.join(PROCESSORS)}); "
+                         "add one to vlm_mig/adapter.py")
+    if hasattr(model_or_config, "apply_chat_template") or hasattr(model_or_config, "tokenize"):
+        return TEXT
     config = getattr(base_model(model_or_config), "config", model_or_config)
     model_type = getattr(config, "model_type", None)
     if model_type in ADAPTERS:
@@ -143,5 +192,19 @@ def adapter_for(model_or_config: Any) -> TextAdapter:
     return TEXT
 
 
-__all__ = ["ADAPTERS", "QWEN_VL_ATOMIC_PAIRS", "Qwen25VLAdapter", "Qwen2VLAdapter", "TextAdapter", "adapter_for",
-           "base_model"]
+def is_multimodal(thing: Any) -> bool:
+    """Whether a model, its config, a checkpoint (path or hub id) or its processor is vision-language: the one
+    test every stage asks (a processor has an image processor; a model or config has an adapter that takes
+    images; a plain tokenizer is text-only)."""
+    if hasattr(thing, "image_processor") or hasattr(thing, "tokenize") or hasattr(thing, "apply_chat_template"):
+        return adapter_for(thing).multimodal
+    if isinstance(thing, (str, os.PathLike)):
+        from transformers import AutoConfig
+
+        thing = AutoConfig.from_pretrained(thing)
+    # A config with a vision config is a vision-language model (``adapter_for`` names the families it knows).
+    return getattr(getattr(base_model(thing), "config", thing), "vision_config", None) is not None
+
+
+__all__ = ["ADAPTERS", "PROCESSORS", "QWEN_VL_ATOMIC_PAIRS", "Qwen25VLAdapter", "Qwen2VLAdapter", "TextAdapter",
+           "adapter_for", "base_model", "is_multimodal"]

@@ -29,21 +29,28 @@ __all__ = [
     "SCALES",
     "AdvantageConfig",
     "Advantages",
+    "Normalized",
+    "PROCESS_ESTIMATORS",
     "PROCESS_MASKS",
     "PROCESS_SCALES",
     "compute_advantages",
     "equal_outcome_share",
     "group_normalize",
+    "normalize",
     "process_token_mask",
     "scale_sums",
     "scale_to_match",
+    "step_credit",
     "step_normalize",
     "token_advantages",
+    "token_level",
+    "trajectory_credit",
     "within_group_credit",
     "zero_std_fraction",
 ]
 
 SCALES = ("group", "batch", "none")
+#: How the process signal is credited to tokens (``PROCESS_ESTIMATORS`` holds each).
 PROCESS_CREDITS = ("trajectory", "step")
 PROCESS_MASKS = ("cot", "full")
 #: How the process advantage is scaled against the outcome advantage after normalisation.
@@ -236,6 +243,72 @@ class Advantages:
     process_scale: float = 1.0  #: the factor ``process_scale: match_outcome`` multiplied the process advantage by
 
 
+@dataclass
+class Normalized:
+    """The rewards of a batch normalised within their groups (``normalize``): rows as given, no tokens yet."""
+
+    seq_out: torch.Tensor  #: [B] A_out
+    seq_proc: torch.Tensor  #: [B] A_proc
+    step_adv: torch.Tensor | None = None  #: [B, K] normalised step gains (``process_credit: step``)
+
+    def rows(self, which) -> Normalized:
+        """The rows ``which`` (an index or slice): a process's share of advantages normalised over all processes."""
+        return Normalized(self.seq_out[which], self.seq_proc[which],
+                          None if self.step_adv is None else self.step_adv[which])
+
+
+def normalize(r_out: torch.Tensor, r_proc: torch.Tensor, group_size: int, cfg: AdvantageConfig, *,
+              min_spread: float = 0.0, step_gains: torch.Tensor | None = None,
+              step_mask: torch.Tensor | None = None) -> Normalized:
+    """Sequence (and, with ``step_gains``/``step_mask`` [B, K], step) advantages of the rows given: the only
+    place rewards are normalised. Rows may come from several processes (``scale: batch``): statistics pool
+    every row given, and each process keeps its own (``Normalized.rows``)."""
+    a_out = group_normalize(r_out, group_size, scale=cfg.scale, eps=cfg.eps)
+    a_proc = group_normalize(r_proc, group_size, scale=cfg.scale, eps=cfg.eps, min_spread=min_spread)
+    step_adv = None
+    if step_gains is not None:
+        if step_mask is None:
+            raise ValueError("step gains need their step_mask")
+        step_adv = step_normalize(step_gains, step_mask, group_size, scale=cfg.scale, eps=cfg.eps,
+                                  min_spread=min_spread)
+    return Normalized(a_out, a_proc, step_adv)
+
+
+def trajectory_credit(norm: Normalized, m_proc: torch.Tensor, m_cot: torch.Tensor,
+                      token_step: torch.Tensor | None) -> torch.Tensor:
+    """``process_credit: trajectory``: every token of ``m_proc`` gets its rollout's A_proc."""
+    return token_advantages(norm.seq_proc, m_proc)
+
+
+def step_credit(norm: Normalized, m_proc: torch.Tensor, m_cot: torch.Tensor,
+                token_step: torch.Tensor | None) -> torch.Tensor:
+    """``process_credit: step``: each token of step k gets the normalised ``g_k`` of its step."""
+    if norm.step_adv is None or token_step is None:
+        raise ValueError("process_credit='step' needs step_gains, step_mask and token_step")
+    return token_advantages(None, m_cot, step_adv=norm.step_adv, token_step=token_step)
+
+
+#: ``process_credit`` -> how the normalised process signal becomes token advantages
+PROCESS_ESTIMATORS = {"trajectory": trajectory_credit, "step": step_credit}
+
+
+def token_level(norm: Normalized, r_out: torch.Tensor, r_proc: torch.Tensor, m_full: torch.Tensor,
+                m_cot: torch.Tensor, group_size: int, cfg: AdvantageConfig, *, token_step: torch.Tensor | None = None,
+                min_spread: float = 0.0) -> Advantages:
+    """``Advantages`` of this process's rows from their normalised values: the decoupled token advantages
+    (outcome on M_full, process by the ``process_credit`` estimator) and the logged group shares."""
+    return Advantages(
+        seq_out=norm.seq_out,
+        seq_proc=norm.seq_proc,
+        tok_out=token_advantages(norm.seq_out, m_full),
+        tok_proc=PROCESS_ESTIMATORS[cfg.process_credit](norm, process_token_mask(m_full, m_cot, cfg.process_mask),
+                                                        m_cot, token_step),
+        zero_std_out=zero_std_fraction(r_out, group_size),
+        zero_std_proc=zero_std_fraction(r_proc, group_size),
+        below_min_spread=zero_std_fraction(r_proc, group_size, min_spread),
+    )
+
+
 def compute_advantages(
     r_out: torch.Tensor,
     r_proc: torch.Tensor,
@@ -249,7 +322,7 @@ def compute_advantages(
     token_step: torch.Tensor | None = None,
     min_spread: float = 0.0,
 ) -> Advantages:
-    """Sequence and decoupled token advantages for a batch (SPEC section 4).
+    """Sequence and decoupled token advantages for a batch (SPEC section 4): ``normalize``, then ``token_level``.
 
     ``r_out``, ``r_proc``: [B]; ``m_full``, ``m_cot``: [B, T] completion masks. With
     ``cfg.process_credit == "step"`` also pass ``step_gains``/``step_mask`` [B, K] (``g_1..g_K``,
@@ -262,26 +335,12 @@ def compute_advantages(
             f"shapes disagree: r_out {tuple(r_out.shape)}, r_proc {tuple(r_proc.shape)}, "
             f"m_full {tuple(m_full.shape)}, m_cot {tuple(m_cot.shape)}"
         )
-    a_out = group_normalize(r_out, group_size, scale=cfg.scale, eps=cfg.eps)
-    a_proc = group_normalize(r_proc, group_size, scale=cfg.scale, eps=cfg.eps, min_spread=min_spread)
-    tok_out = token_advantages(a_out, m_full)
-    if cfg.process_credit == "trajectory":
-        tok_proc = token_advantages(a_proc, process_token_mask(m_full, m_cot, cfg.process_mask))
-    else:
-        if step_gains is None or step_mask is None or token_step is None:
-            raise ValueError("process_credit='step' needs step_gains, step_mask and token_step")
-        step_adv = step_normalize(step_gains, step_mask, group_size, scale=cfg.scale, eps=cfg.eps,
-                                  min_spread=min_spread)
-        tok_proc = token_advantages(None, m_cot, step_adv=step_adv, token_step=token_step)
-    return Advantages(
-        seq_out=a_out,
-        seq_proc=a_proc,
-        tok_out=tok_out,
-        tok_proc=tok_proc,
-        zero_std_out=zero_std_fraction(r_out, group_size),
-        zero_std_proc=zero_std_fraction(r_proc, group_size),
-        below_min_spread=zero_std_fraction(r_proc, group_size, min_spread),
-    )
+    if cfg.process_credit == "step" and (step_gains is None or step_mask is None or token_step is None):
+        raise ValueError("process_credit='step' needs step_gains, step_mask and token_step")
+    step = {"step_gains": step_gains, "step_mask": step_mask} if cfg.process_credit == "step" else {}
+    norm = normalize(r_out, r_proc, group_size, cfg, min_spread=min_spread, **step)
+    return token_level(norm, r_out, r_proc, m_full, m_cot, group_size, cfg, token_step=token_step,
+                       min_spread=min_spread)
 
 
 def scale_sums(tok: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:

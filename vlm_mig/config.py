@@ -186,7 +186,7 @@ class Config:
 #: Keys that no longer exist, with why: a saved config that still has one loads, with a warning.
 REMOVED: dict[str, str] = {
     "rollout.compute_logprobs": "rollout engines only sample now; old log-probs come from the trainer's own "
-                                "teacher-forced fp32 pass (vlm_mig.mig.teacher_forced_logprobs)",
+                                "teacher-forced fp32 pass (vlm_mig.forward.teacher_forced_logprobs)",
 }
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "SFT_GATES",
     "Denominators",
     "LossConfig",
+    "LossInputs",
     "k3_kl",
     "masked_mean",
     "pg_loss",
@@ -234,30 +235,38 @@ def sft_loss(
     return -(torch.where(m, logp.float(), 0.0) * w).sum() / d
 
 
+@dataclass
+class LossInputs:
+    """Everything ``L_total`` takes for a batch of rows besides the policy's log-probs: a micro-batch's view of
+    an RL batch (``vlm_mig.rl.RLBatch.loss_inputs``), or tensors made by hand."""
+
+    m_full: torch.Tensor  #: [B, T] every completion token through EOS (M_full)
+    m_cot: torch.Tensor  #: [B, T] the tokens the process term covers (M_cot, or M_full for the ablation)
+    adv_out: torch.Tensor  #: [B, T] outcome token advantages (or [B])
+    adv_proc: torch.Tensor  #: [B, T] process token advantages (or [B])
+    old_logp: torch.Tensor | None = None  #: [B, T] log pi_old; None: the policy's own detached log-probs
+    ref_logp: torch.Tensor | None = None  #: [B, T] log pi_ref (needed when kl_coef > 0)
+    acc: torch.Tensor | None = None  #: [B] accuracy (the SFT gates, when gamma > 0 and no ``gate``)
+    fmt: torch.Tensor | None = None  #: [B] format
+    r_proc: torch.Tensor | None = None  #: [B] R_proc (the third SFT gate)
+    gate: torch.Tensor | None = None  #: [B] bool, the SFT gate already computed (``sft_gate``) for these rows
+
+
 def total_loss(
     logp: torch.Tensor,
-    old_logp: torch.Tensor | None,
-    m_full: torch.Tensor,
-    m_cot: torch.Tensor,
-    adv_out: torch.Tensor,
-    adv_proc: torch.Tensor,
+    inputs: LossInputs,
     cfg: LossConfig | None = None,
     *,
-    ref_logp: torch.Tensor | None = None,
-    acc: torch.Tensor | None = None,
-    fmt: torch.Tensor | None = None,
-    r_proc: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     denominators: Denominators | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``L_total`` and every diagnostic the trainer logs.
 
-    Inputs: ``logp`` [B, T] log pi_theta of the completion tokens (carries the gradient); ``old_logp``
-    [B, T] log pi_old (``None``: ``logp.detach()``, i.e. ``num_iterations = 1``); ``m_full``/``m_cot``
-    [B, T]; ``adv_out``/``adv_proc`` [B, T] token advantages (or [B]); ``ref_logp`` [B, T] (needed when
-    ``kl_coef > 0``); ``acc``, ``fmt``, ``r_proc`` [B] (needed when ``gamma > 0``); ``entropy``
-    [B, T] per-token policy entropy, only logged. ``denominators``: full-batch ``Denominators`` when
-    this is one micro-batch of several.
+    ``logp`` [B, T] log pi_theta of the completion tokens (carries the gradient); ``inputs``: the masks,
+    advantages and the rest (``LossInputs``: ``old_logp`` None means ``logp.detach()``, i.e. ``num_iterations
+    = 1``; ``ref_logp`` is needed when ``kl_coef > 0``; ``gate``, or ``acc`` and ``fmt`` (and ``r_proc`` for the
+    third gate), when ``gamma > 0``); ``entropy`` [B, T] per-token policy entropy, only logged.
+    ``denominators``: full-batch ``Denominators`` when this is one micro-batch of several.
 
     Terms with weight 0 are not computed (their diagnostics are absent), so the GRPO baseline
     (``alpha = gamma = 0``) costs nothing extra. Diagnostics are detached 0-dim tensors (call
@@ -267,19 +276,20 @@ def total_loss(
     ``sft_gate_rate``, ``sft_gated``, ``entropy``.
     """
     cfg = cfg or LossConfig()
-    if old_logp is None:
-        old_logp = logp.detach()
-    if not (logp.shape == m_full.shape == m_cot.shape):
+    x = inputs
+    old_logp = logp.detach() if x.old_logp is None else x.old_logp
+    adv_out, adv_proc, ref_logp = x.adv_out, x.adv_proc, x.ref_logp
+    if not (logp.shape == x.m_full.shape == x.m_cot.shape):
         raise ValueError(
-            f"logp {tuple(logp.shape)}, m_full {tuple(m_full.shape)}, m_cot {tuple(m_cot.shape)}"
+            f"logp {tuple(logp.shape)}, m_full {tuple(x.m_full.shape)}, m_cot {tuple(x.m_cot.shape)}"
         )
-    mf, mc = m_full.bool(), m_cot.bool()
+    mf, mc = x.m_full.bool(), x.m_cot.bool()
     b = logp.shape[0]
-    gate = None
-    if acc is not None and fmt is not None:
-        gate = sft_gate(acc, fmt, r_proc, gate_proc=cfg.sft_gate_proc, gates=cfg.sft_gates)
-    elif cfg.gamma != 0:
-        raise ValueError("gamma > 0 needs acc and fmt for the SFT gates")
+    gate = x.gate
+    if gate is None and x.acc is not None and x.fmt is not None:
+        gate = sft_gate(x.acc, x.fmt, x.r_proc, gate_proc=cfg.sft_gate_proc, gates=cfg.sft_gates)
+    elif gate is None and cfg.gamma != 0:
+        raise ValueError("gamma > 0 needs the SFT gate, or acc and fmt to compute it")
     if gate is None:
         gate = torch.zeros(b, dtype=torch.bool, device=logp.device)
     den = denominators or Denominators.from_batch(mc, mf, gate, cfg)

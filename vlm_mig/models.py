@@ -20,14 +20,14 @@ from typing import Any
 
 import torch
 
+from vlm_mig.adapter import is_multimodal
 from vlm_mig.data.schema import DataError
+from vlm_mig.model_options import ARCHES, WarmupConfig
 from vlm_mig.prompts import ANSWER_CLOSE, ANSWER_OPEN, STEP_HEADER, SYSTEM_PROMPT, THINK_CLOSE, THINK_OPEN
-from vlm_mig.warmup import WarmupConfig
 
 logger = logging.getLogger(__name__)
 
-ARCHES = ("qwen2-vl", "qwen2.5-vl", "qwen2")
-#: Parameter dtypes ``load_model`` reads, by name.
+#: Parameter dtypes ``load_model`` reads, by name (the names are ``model_options.DTYPE_NAMES``).
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                                   "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -357,16 +357,6 @@ def tiny_model_dir(arch: str = "qwen2-vl", warmup_steps: int = 0, seed: int = 0,
 # Loading (real checkpoints and the tiny model alike)
 
 
-def is_vision_model(path_or_config: Any) -> bool:
-    """Whether a checkpoint (path, hub id or config) has a vision tower."""
-    from transformers import AutoConfig, PretrainedConfig
-
-    cfg = path_or_config
-    if not isinstance(cfg, PretrainedConfig):
-        cfg = AutoConfig.from_pretrained(cfg)
-    return getattr(cfg, "vision_config", None) is not None
-
-
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -393,7 +383,7 @@ def load_processor(path: str | os.PathLike, min_pixels: int | None = None, max_p
     """
     from transformers import AutoProcessor, AutoTokenizer
 
-    if not is_vision_model(path):
+    if not is_multimodal(path):
         return AutoTokenizer.from_pretrained(path, padding_side="left", trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {}
     if min_pixels is not None or max_pixels is not None:
@@ -428,7 +418,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32
 
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
-    auto = AutoModelForImageTextToText if is_vision_model(path) else AutoModelForCausalLM
+    auto = AutoModelForImageTextToText if is_multimodal(path) else AutoModelForCausalLM
     kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
     attn_implementation = resolve_attn_implementation(attn_implementation)
     if attn_implementation:

@@ -1,7 +1,8 @@
 """Samples -> model inputs, for Qwen2-VL / Qwen2.5-VL and text-only models through one API.
 
-Images may sit anywhere in the user turn (several per sample); they are loaded and sized with
-qwen-vl-utils (``min_pixels``/``max_pixels``, sides rounded to multiples of 28). Prompts are left padded.
+Images may sit anywhere in the user turn (several per sample); they are loaded and sized as the model family's
+adapter says (``adapter.size_image``; Qwen-VL: qwen-vl-utils, ``min_pixels``/``max_pixels``, sides rounded to
+multiples of 28). Prompts are left padded.
 A prompt longer than ``max_prompt_length`` is an error naming the sample: truncating it would cut the
 system prompt or the image tokens, which the model then can't match with ``pixel_values``.
 """
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from vlm_mig.adapter import ADAPTERS, adapter_for
 from vlm_mig.data.schema import DataError, Sample
 from vlm_mig.prompts import QUESTION_SUFFIX, SYSTEM_PROMPT
 
@@ -31,11 +33,6 @@ class PromptTemplate:
     def r1v(cls) -> PromptTemplate:
         """The R1-V/VLM-R1 convention: instruction after the question, default system prompt."""
         return cls(system_prompt=None, question_suffix=QUESTION_SUFFIX)
-
-
-def is_processor(processor: Any) -> bool:
-    """True for a multimodal processor, False for a plain tokenizer (text-only model)."""
-    return hasattr(processor, "image_processor")
 
 
 def tokenizer_of(processor: Any):
@@ -99,11 +96,12 @@ def to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
 
 
-def load_images(sample: Sample, min_pixels: int | None = None, max_pixels: int | None = None) -> list[Image.Image]:
-    """Open and size the sample's images with qwen-vl-utils; a missing or corrupt file names the sample.
-    Local files are opened here first, so 16-bit grayscale is scaled rather than clipped (``to_8bit``)."""
-    from qwen_vl_utils import fetch_image
-
+def load_images(sample: Sample, min_pixels: int | None = None, max_pixels: int | None = None,
+                adapter: Any = None) -> list[Image.Image]:
+    """Open and size the sample's images as the model family's processor expects them (``adapter.size_image``, by
+    default Qwen-VL's: qwen-vl-utils); a missing or corrupt file names the sample. Local files are opened here
+    first, so 16-bit grayscale is scaled rather than clipped (``to_8bit``)."""
+    adapter = adapter or ADAPTERS["qwen2_vl"]
     out = []
     for path in sample.images:
         image: Any = str(path)
@@ -114,13 +112,8 @@ def load_images(sample: Sample, min_pixels: int | None = None, max_pixels: int |
                         image = to_8bit(im)
             except Exception as e:  # PIL raises several types for unreadable files
                 raise DataError(f"sample {sample.id!r}: cannot read image {path}: {e}") from e
-        spec: dict[str, Any] = {"image": image}
-        if min_pixels is not None:
-            spec["min_pixels"] = min_pixels
-        if max_pixels is not None:
-            spec["max_pixels"] = max_pixels
         try:
-            out.append(fetch_image(spec))
+            out.append(adapter.size_image(image, min_pixels, max_pixels))
         except Exception as e:  # qwen-vl-utils raises several types for unreadable files
             raise DataError(f"sample {sample.id!r}: cannot read image {path}: {e}") from e
     return out
@@ -138,6 +131,8 @@ class PromptBatch:
     pixel_values: torch.Tensor | None = None  #: [sum of patches, D] for all images of the batch, in order
     image_grid_thw: torch.Tensor | None = None  #: [num images, 3]
     images_per_sample: list[int] = field(default_factory=list)
+    #: rows of ``pixel_values`` per image, in order (the model adapter's ``image_patches``)
+    image_patches: list[int] = field(default_factory=list)
 
     @property
     def multimodal(self) -> bool:
@@ -169,7 +164,8 @@ def encode_prompts(
     max_pixels: int | None = None,
 ) -> PromptBatch:
     """Tokenize a batch of samples (and process their images) into one left-padded ``PromptBatch``."""
-    multimodal = is_processor(processor)
+    adapter = adapter_for(processor)
+    multimodal = adapter.multimodal
     tok = tokenizer_of(processor)
     if tok.padding_side != "left":
         tok.padding_side = "left"
@@ -177,7 +173,7 @@ def encode_prompts(
     for s in samples:
         messages = build_messages(s, template, multimodal=multimodal)
         texts.append(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-        imgs = load_images(s, min_pixels, max_pixels) if multimodal else []
+        imgs = load_images(s, min_pixels, max_pixels, adapter) if multimodal else []
         images.extend(imgs)
         per_sample.append(len(imgs))
     if multimodal:
@@ -193,6 +189,7 @@ def encode_prompts(
         pixel_values=enc.get("pixel_values"),
         image_grid_thw=enc.get("image_grid_thw"),
         images_per_sample=per_sample,
+        image_patches=adapter.image_patches(enc.get("image_grid_thw")),
     )
     if max_prompt_length is not None:
         check_prompt_lengths(batch, max_prompt_length)

@@ -1,7 +1,8 @@
 """``vlm-mig score``: which of my reasoning steps carried information?
 
-Reads rows with a prompt, a completion and the gold answer; segments the completion into steps; scores
-``l_0..l_K`` in the packed pass; writes the watermark, the gains ``g_k`` and ``R_proc`` per row. With
+Reads rows with a prompt, a completion and the gold answer, and runs the RL step's own segment and score stages
+on them (``vlm_mig.rl.stages``): segments the completion into steps; scores ``l_0..l_K`` in the packed pass;
+writes the watermark, the gains ``g_k`` and ``R_proc`` per row. With
 ``explain``, each row also carries, for every k, the exact token ids of the naive sequence
 ``prefix_k + probe + answer`` (for the variant that gave the max), so anyone can re-check a score with a
 plain forward pass: ``l_k`` = mean log-prob of ``input_ids[answer_start:]`` (``answer_score: mean``).
@@ -22,22 +23,15 @@ from vlm_mig.adapter import adapter_for
 from vlm_mig.data.loaders import FieldMap, load_jsonl
 from vlm_mig.data.schema import DataError, Sample, where
 from vlm_mig.fields import bounded
-from vlm_mig.mig import (
-    L0_CONTEXTS,
-    MigOptions,
-    ScoreRow,
-    blind_l0,
-    credited_watermark,
-    encode_answers,
-    encode_probe,
-    first_copy_rows,
-    prompt_rows,
-    score_rows,
-    step_gains,
-)
+from vlm_mig.forward import ScoreRow, first_copy_rows, score_rows
+from vlm_mig.mig import L0_CONTEXTS, MigOptions, encode_answers, encode_probe
 from vlm_mig.processing import PromptTemplate, encode_prompts, tokenizer_of
 from vlm_mig.prompts import format_solution
-from vlm_mig.steps import StepConfig, segment
+from vlm_mig.rl import stages
+from vlm_mig.rl.batch import RLBatch
+from vlm_mig.rl.stages import Scorer
+from vlm_mig.rollout.base import eos_and_pad, given_rollouts
+from vlm_mig.steps import StepConfig
 
 
 @dataclass
@@ -88,32 +82,29 @@ def score_samples(model, processor, samples: list[Sample], cfg: ScoreConfig | No
     tok = tokenizer_of(processor)
     probe = encode_probe(tok, cfg.probe)
     step_cfg = StepConfig.of(cfg, atomic_pairs=adapter_for(model).atomic_pairs)
+    scorer = Scorer(model=model, processor=processor, template=template, mig=cfg, probe_ids=probe, step_scores=True,
+                    old_logprobs=False)
+    pad_id = eos_and_pad(model, processor)[1]
     out: list[dict[str, Any]] = []
     model.eval()
     bar = tqdm(total=len(samples), desc="score", disable=not progress)
     for start in range(0, len(samples), cfg.batch_size):
         chunk = samples[start : start + cfg.batch_size]
-        batch = encode_prompts(processor, chunk, template)
-        with torch.no_grad():
-            prompts = prompt_rows(model, batch)
-            rows, spans = [], []
-            for p, s, text in zip(prompts, chunk, completions[start : start + cfg.batch_size]):
-                ids = torch.tensor(tok.encode(text, add_special_tokens=False), dtype=torch.long)
-                n_prompt = int(p["prompt_ids"].numel())
-                if n_prompt + ids.numel() > cfg.max_tokens:
-                    raise DataError(f"row {s.id!r}: {n_prompt} prompt + {ids.numel()} completion tokens exceed the "
-                                    f"{cfg.max_tokens} a row may have (vlm-mig score --max-tokens)")
-                sp = segment(ids, tok, config=step_cfg)
-                rows.append(ScoreRow(completion_ids=ids, cuts=sp.prefix_ends if sp.think else [],
-                                     **encode_answers(tok, s.variants, cfg.probe, cfg.opener), **p))
-                spans.append(sp)
-            scores = score_rows(model, rows, probe, cfg.max_tokens_per_batch, answer_score=cfg.answer_score)
-            no_image = (blind_l0(model, processor, chunk, rows, probe, template,
-                                 max_tokens_per_batch=cfg.max_tokens_per_batch, answer_score=cfg.answer_score)
-                        if cfg.visual_evidence else None)
-            other_l0 = _other_l0(model, tok, chunk, rows, probe, cfg) if cfg.compare_options else None
-        for i, (s, r, sp, sc) in enumerate(zip(chunk, rows, spans, scores)):
-            rec = _row_output(s, r, sp, sc, probe, cfg, explain, None if no_image is None else no_image[i])
+        texts = list(completions[start : start + cfg.batch_size])
+        prompts = encode_prompts(processor, chunk, template)
+        ids = [torch.tensor(tok.encode(text, add_special_tokens=False), dtype=torch.long) for text in texts]
+        for s, n_prompt, c in zip(chunk, prompts.attention_mask.sum(-1).tolist(), ids):
+            if n_prompt + c.numel() > cfg.max_tokens:
+                raise DataError(f"row {s.id!r}: {n_prompt} prompt + {c.numel()} completion tokens exceed the "
+                                f"{cfg.max_tokens} a row may have (vlm-mig score --max-tokens)")
+        # The RL step's own segment and score stages, on completions that were given instead of sampled.
+        batch = RLBatch(rollouts=given_rollouts(chunk, prompts, ids, texts, pad_id))
+        stages.segment(batch, tok, step_cfg)
+        scored = stages.score(batch, scorer)
+        other_l0 = _other_l0(model, tok, chunk, scored.rows, probe, cfg) if cfg.compare_options else None
+        for i, s in enumerate(chunk):
+            sc = scored.scores[i]
+            rec = _row_output(s, batch, i, scored.rows[i], sc, probe, cfg, explain)
             if other_l0 is not None and sc.l.numel():
                 rec["l_by_answer_score"] = {m: [round(float(x), 6) for x in v] for m, v in sc.l_by_score.items()}
                 rec["l0_by_context"] = {cfg.l0_context: {m: round(float(v[0]), 6) for m, v in sc.l_by_score.items()},
@@ -124,6 +115,7 @@ def score_samples(model, processor, samples: list[Sample], cfg: ScoreConfig | No
     return out
 
 
+@torch.no_grad()
 def _other_l0(model, tok, samples, rows, probe, cfg: ScoreConfig) -> list[dict]:
     """l_0 under the l_0 context(s) ``cfg`` does not use, every answer score, from copy 0 alone."""
     out: list[dict] = [{} for _ in rows]
@@ -140,26 +132,25 @@ def _other_l0(model, tok, samples, rows, probe, cfg: ScoreConfig) -> list[dict]:
     return out
 
 
-def _row_output(s: Sample, row: ScoreRow, sp, sc, probe, cfg: ScoreConfig, explain: bool,
-                l0_no_image: float | None) -> dict:
-    l = sc.l.float().cpu()
-    K = l.numel() - 1
-    h = credited_watermark(l, min_gain=cfg.min_gain, records=cfg.records) if K >= 0 else l
-    gains = (step_gains(l, use_watermark=cfg.watermark, min_gain=cfg.min_gain, records=cfg.records) if K >= 1
-             else l.new_zeros(0))
+def _row_output(s: Sample, batch: RLBatch, i: int, row: ScoreRow, sc, probe, cfg: ScoreConfig,
+                explain: bool) -> dict:
+    """Row ``i``'s record: its steps and what the score stage wrote into the batch (l, watermark, gains,
+    R_proc, the visual evidence), and with ``explain`` the naive sequence behind every l_k."""
+    n = len(row.cuts)  # K + 1, or 0 without a think block
+    l = batch.l[i, :n] if batch.l is not None else torch.zeros(0)
     rec: dict[str, Any] = {"id": s.id}
     rec.update(
-        steps=sp.texts,
+        steps=batch.spans[i].texts,
         l=[round(float(x), 6) for x in l],
-        watermark=[round(float(x), 6) for x in h],
-        gains=[round(float(x), 6) for x in gains],
-        process_reward=round(float(gains.sum()), 6),
+        watermark=[round(float(x), 6) for x in (batch.watermark[i, :n] if n else l)],
+        gains=[round(float(x), 6) for x in (batch.gains[i, : n - 1] if n > 1 else l[:0])],
+        process_reward=round(float(batch.r_proc[i]), 6),
     )
-    if l0_no_image is not None and K >= 0:
-        rec["visual_evidence_gain"] = round(float(l[0]) - l0_no_image, 6)
+    if batch.l0_blind[i] is not None and n:
+        rec["visual_evidence_gain"] = round(float(l[0]) - batch.l0_blind[i], 6)
     if explain:
-        best = sc.l_variants.argmax(-1).tolist() if K >= 0 else []
-        prompt = row.prompt_ids.tolist()
+        best = sc.l_variants.argmax(-1).tolist() if n else []
+        prompt = row.prompt.ids.tolist()
         seqs = []
         for k, c in enumerate(row.cuts):
             j = best[k]

@@ -1,10 +1,13 @@
 """The training loop on accelerate: ``vlm-mig sft`` and ``vlm-mig train`` (SPEC section 6).
 
 One RL step is the pipeline of ``vlm_mig.rl.stages`` over one ``RLBatch``: rollout -> segment -> reward -> score
-(packed: every l_k, and old log-probs when ``num_iterations > 1``) -> advantages -> update (``num_iterations``
-passes of micro-batched updates with gradient accumulation and clipping). The trainer holds the state (models,
-optimizer, data order, checkpoints, logs) and is the update's ``Learner``; every formula lives in the pure
-modules (``steps``, ``mig``, ``rewards``, ``advantages``, ``losses``).
+(packed: every l_k, and old log-probs when ``num_iterations > 1``; the reference model's log-probs) -> advantages ->
+update (``num_iterations`` passes of micro-batched updates with gradient accumulation and clipping). With one pass
+and group-local advantages (``stages.in_update_blocker`` is None) the l_k come from the update's own forward and
+each micro-batch's advantages are computed there, so MIG adds only the probe copies to a pass GRPO makes anyway.
+
+The trainer holds the state (models, optimizer, data order, checkpoints, logs) and is the update's ``Learner``;
+every formula lives in the pure modules (``steps``, ``mig``, ``rewards``, ``advantages``, ``losses``).
 
 Determinism: prompts of step ``s`` are a fixed slice of a seeded permutation, and each rollout is sampled
 from its own seeded stream (``rollout.sampling``), so a run with 2 processes equals a 1-process run with
@@ -32,7 +35,8 @@ from vlm_mig.config import Config, ConfigError, save_config
 from vlm_mig.data.schema import DataError, Sample
 from vlm_mig.data.sources import load_source
 from vlm_mig.data.teacher import imperfect_teacher
-from vlm_mig.mig import EMPTY, ScoreRow, encode_probe, packed_forward, pad_rows, prompt_rows
+from vlm_mig.forward import EMPTY, PromptPieces, ScoreRow, packed_forward, pad_rows, prompt_pieces
+from vlm_mig.mig import MigOptions, encode_probe
 from vlm_mig.models import check_model_path, load_model, load_processor, tiny_model_dir
 from vlm_mig.outputs import check_output
 from vlm_mig.processing import PromptBatch, PromptTemplate, encode_prompts, tokenizer_of
@@ -45,32 +49,19 @@ from vlm_mig.rollout import Rollouts, make_engine, select_prompts
 from vlm_mig.rollout.sampling import rollout_seed
 from vlm_mig.runlog import RunLog
 from vlm_mig.steps import StepConfig
+from vlm_mig.timing import StageClock
 
 logger = logging.getLogger(__name__)
-
-
-class StageClock:
-    """Seconds per named phase of a step (a phase entered twice adds up)."""
-
-    def __init__(self):
-        self.times: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 class PolicyForward(nn.Module):
     """The model behind one ``nn.Module.forward``, so DDP/DeepSpeed see every training pass.
 
-    ``forward(prompts, rows)`` computes the prompts' image features and the completion log-probs of
-    ``rows`` (``ScoreRow`` specs whose prompt fields are filled in here) in one packed pass, under
-    ``softmax(logits / temperature)``: RL passes the rollout temperature, so the ratio compares the policy with
-    the distribution that sampled the rollouts; SFT uses 1.
+    ``forward(prompts, rows, probe_ids, answer_score)`` computes the prompts' image features and the completion
+    log-probs of ``rows`` (``ScoreRow`` fields, with ``prompt`` the index of the row's prompt) in one packed pass,
+    under ``softmax(logits / temperature)``: RL passes the rollout temperature, so the ratio compares the policy
+    with the distribution that sampled the rollouts; SFT uses 1. Rows with cuts and answer forms get their l_k
+    from the same pass (detached): the lists ``(log-probs, l)``.
     """
 
     def __init__(self, model: nn.Module, temperature: float = 1.0):
@@ -78,19 +69,21 @@ class PolicyForward(nn.Module):
         self.model = model
         self.temperature = temperature
 
-    def forward(self, prompts, rows: list[dict[str, Any]]) -> list[torch.Tensor]:
+    def forward(self, prompts: PromptBatch | list[PromptPieces], rows: list[dict[str, Any]],
+                probe_ids: torch.Tensor = EMPTY,
+                answer_score: str = MigOptions.answer_score) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         # ``prompts``: a PromptBatch, or its pieces already computed (``Trainer.sft_prompts``)
-        pieces = prompts if isinstance(prompts, list) else prompt_rows(self.model, prompts)
-        score = [ScoreRow(completion_ids=r["completion_ids"], cuts=[], variants=[], **pieces[r["prompt"]])
-                 for r in rows]
-        return [s.completion_logprobs for s in packed_forward(self.model, score, EMPTY, temperature=self.temperature)]
+        pieces = prompts if isinstance(prompts, list) else prompt_pieces(self.model, prompts)
+        specs = [ScoreRow(**{"cuts": [], "variants": [], **r, "prompt": pieces[r["prompt"]]}) for r in rows]
+        scores = packed_forward(self.model, specs, probe_ids, answer_score=answer_score, temperature=self.temperature)
+        return [s.completion_logprobs for s in scores], [s.l for s in scores]
 
 
-def _select(prompts: PromptBatch | list[dict[str, Any]], rows: list[int], device: torch.device):
+def _select(prompts: PromptBatch | list[PromptPieces], rows: list[int], device: torch.device):
     """Rows of ``Trainer.sft_prompts``'s result (a batch, or cached pieces), on ``device``."""
     if isinstance(prompts, PromptBatch):
         return select_prompts(prompts, rows).to(device)
-    return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in prompts[i].items()} for i in rows]
+    return [prompts[i].to(device) for i in rows]
 
 
 def template_of(cfg: Config) -> PromptTemplate:
@@ -206,7 +199,8 @@ class Trainer:
                 probe_ids=encode_probe(self.tok, cfg.mig.probe), step_scores=stages.needs_step_scores(cfg),
                 old_logprobs=cfg.trainer.num_iterations > 1, ref_model=ref_model,
                 temperature=cfg.rollout.logprob_temperature,
-                min_pixels=cfg.rollout.min_pixels, max_pixels=cfg.rollout.max_pixels)
+                min_pixels=cfg.rollout.min_pixels, max_pixels=cfg.rollout.max_pixels,
+                in_update=stages.in_update_blocker(cfg) is None)
         self.step_cfg = StepConfig.of(cfg.mig, atomic_pairs=self.adapter.atomic_pairs)
         self.reward_specs = self._reward_specs()
         self._order: tuple[tuple[int, int], list[int]] | None = None  # (epoch, n) -> its permutation
@@ -413,10 +407,14 @@ class Trainer:
             stages.reward(batch, self.reward_specs)
         with clock("score"), self.acc.autocast():
             stages.score(batch, self.scorer)
-        stages.advantages(batch, cfg.advantage, cfg.mig.min_spread, self.acc)
+        in_update = None
+        if self.scorer.in_update:  # the update's forward scores the l_k; its micro-batches make the advantages
+            in_update = stages.InUpdate(stages.step_scoring(batch, self.scorer), cfg.mig, cfg.advantage)
+        else:
+            stages.advantages(batch, cfg.advantage, cfg.mig.min_spread, self.acc)
         with clock("update"):
             upd = stages.update(batch, self, cfg.loss, micro_batch_size=cfg.trainer.micro_batch_size,
-                                num_iterations=cfg.trainer.num_iterations, dist=self.acc)
+                                num_iterations=cfg.trainer.num_iterations, dist=self.acc, in_update=in_update)
         with clock("sync"):
             self.engine.sync_weights(self.model)  # the next rollouts sample from the updated policy
         metrics = step_metrics(batch, upd, clock.times, float(self.scheduler.get_last_lr()[0]),
@@ -437,17 +435,16 @@ class Trainer:
                  for s in samples]
         total_tokens = sum(c.numel() for c in comps)
         (world_tokens,) = sum_over_processes(self.acc, [float(total_tokens)])
-        loss_sum = 0.0
-        chunks = list(range(0, len(samples), cfg.trainer.micro_batch_size))
-        for c_i, start in enumerate(chunks):
-            idx = list(range(start, min(len(samples), start + cfg.trainer.micro_batch_size)))
-            sub = _select(prompts, idx, dev)
+
+        def loss_of(idx: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             rows = [{"prompt": j, "completion_ids": comps[i].to(dev)} for j, i in enumerate(idx)]
-            logps = self.policy(sub, rows)
+            logps, _ = self.policy(_select(prompts, idx, dev), rows)
             # Token-level mean over the whole global batch (micro-batches and processes add up exactly).
             loss = -torch.cat(logps).sum() / world_tokens
-            self.backward(loss, last=c_i == len(chunks) - 1)
-            loss_sum += float(loss.detach()) * self.acc.num_processes
+            return loss, {"loss": loss.detach()}
+
+        diags = stages.accumulate(self, stages.micro_batches(len(samples), cfg.trainer.micro_batch_size), loss_of)
+        loss_sum = sum(float(d["loss"]) for _, d in diags) * self.acc.num_processes
         grad_norm = self.optimizer_step()
         elapsed = time.perf_counter() - t0
         metrics = {"loss": loss_sum / self.acc.num_processes, "optim/grad_norm": grad_norm,
@@ -459,7 +456,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------
     # Pieces of a step
 
-    def sft_prompts(self, samples: list[Sample]) -> PromptBatch | list[dict[str, Any]]:
+    def sft_prompts(self, samples: list[Sample]) -> PromptBatch | list[PromptPieces]:
         """The SFT pass's prompts: one ``PromptBatch``, or with ``trainer.cache_prompts`` each sample's pieces
         (ids, position ids, image features) from the cache, computed for the batch that first draws the sample.
         A resumed run computes them again, in other batches: on the CPU the vision tower gives the same bits in
@@ -476,9 +473,9 @@ class Trainer:
         missing = list({s.id: s for s in samples if s.id not in self._prompt_cache}.values())
         if missing:
             with torch.no_grad():
-                pieces = prompt_rows(self.model, encode(missing))
+                pieces = prompt_pieces(self.model, encode(missing))
             for s, piece in zip(missing, pieces):
-                self._prompt_cache[s.id] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in piece.items()}
+                self._prompt_cache[s.id] = piece.to("cpu")
         return [self._prompt_cache[s.id] for s in samples]
 
     def _record_prompts(self, samples: list[Sample]) -> None:
@@ -492,15 +489,23 @@ class Trainer:
     def device(self) -> torch.device:
         return self.acc.device
 
-    def completion_logprobs(self, rollouts: Rollouts, rows: list[int]) -> torch.Tensor:
-        """Gradient-carrying log pi_theta of the completions ``rows`` ([len(rows), T], 0 on padding)."""
+    def completion_logprobs(self, rollouts: Rollouts, rows: list[int], scoring: stages.StepScoring | None = None
+                            ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Gradient-carrying log pi_theta of the completions ``rows`` ([len(rows), T], 0 on padding) and, with
+        ``scoring``, their l_0..l_K from the same pass (detached)."""
         groups = sorted({int(rollouts.group[i]) for i in rows})
         sub = select_prompts(rollouts.prompts, groups).to(self.device)
         where = {g: j for j, g in enumerate(groups)}
         lengths = rollouts.completion_lengths
         specs = [{"prompt": where[int(rollouts.group[i])],
                   "completion_ids": rollouts.completion_ids[i, : int(lengths[i])].to(self.device)} for i in rows]
-        return pad_rows(self.policy(sub, specs), rollouts.completion_ids.shape[1])
+        extra = {}
+        if scoring is not None:
+            for spec, i in zip(specs, rows):
+                spec.update(cuts=scoring.cuts[i], **scoring.answers[i])
+            extra = {"probe_ids": scoring.probe_ids, "answer_score": scoring.answer_score}
+        logps, ls = self.policy(sub, specs, **extra)
+        return pad_rows(logps, rollouts.completion_ids.shape[1]), ls if scoring is not None else None
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         """Accumulate one micro-batch's share of a globally normalised loss; only ``last`` ends the update
@@ -508,11 +513,12 @@ class Trainer:
         # DDP averages gradients over processes; the loss is already divided by global counts, so undo it.
         loss = loss * self.acc.num_processes
         if self.deepspeed:
-            self.acc.gradient_state._set_sync_gradients(last)
+            # DeepSpeed steps inside the backward that ends the accumulation (accelerate's sync_gradients).
+            self.acc.sync_gradients = last
             try:
                 self.acc.backward(loss)
             finally:
-                self.acc.gradient_state._set_sync_gradients(True)
+                self.acc.sync_gradients = True
             return
         with self.acc.no_sync(self.policy) if not last else contextlib.nullcontext():
             self.acc.backward(loss)

@@ -10,12 +10,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from vlm_mig.adapter import is_multimodal
 from vlm_mig.data.schema import DataError, Sample
 from vlm_mig.data.suites import BenchmarkSpec, load_eval_samples
 from vlm_mig.evaluation.options import EXTRACTIONS, Decoding, EvalOptions, describe_template
 from vlm_mig.evaluation.records import BenchmarkResult, SampleRecord, grade_one, now_utc, summarize
 from vlm_mig.evaluation.store import SampleStore
-from vlm_mig.processing import PromptTemplate, is_processor, tokenizer_of
+from vlm_mig.processing import PromptTemplate, tokenizer_of
 from vlm_mig.prompts import format_solution
 
 
@@ -114,7 +115,7 @@ def evaluate(
     decoding = Decoding.resolve(samples_k, temperature, top_p, max_new_tokens)
     template = template or PromptTemplate()
     name, source, samples = resolve_benchmark(
-        benchmark, name=name, limit=limit, cache_dir=cache_dir, multimodal=is_processor(processor)
+        benchmark, name=name, limit=limit, cache_dir=cache_dir, multimodal=is_multimodal(processor)
     )
     model_name = model_name or model_name_of(model)
     settings = {

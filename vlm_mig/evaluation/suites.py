@@ -12,6 +12,7 @@ from typing import Any, TextIO
 
 import yaml
 
+from vlm_mig.adapter import is_multimodal
 from vlm_mig.data.schema import DataError
 from vlm_mig.data.suites import BenchmarkSpec, spec_from_mapping
 from vlm_mig.evaluation.harness import ImagesRequired, evaluate, grade_completions, images_message, model_name_of
@@ -19,7 +20,6 @@ from vlm_mig.evaluation.options import EvalOptions
 from vlm_mig.evaluation.records import SuiteResult
 from vlm_mig.evaluation.reports import write_reports
 from vlm_mig.evaluation.store import SampleStore
-from vlm_mig.processing import is_processor
 
 #: Environment variable naming another folder of suite files.
 SUITES_ENV = "VLM_MIG_EVAL_SUITES"
@@ -136,7 +136,7 @@ def run_suite(
         print(f"note: dropped a torn last line of {store.path} (interrupted write); it is regenerated", file=log)
     if cache_dir is None and out is not None:
         cache_dir = out / "cache"
-    multimodal = gold or is_processor(processor)
+    multimodal = gold or is_multimodal(processor)
     name = "gold" if gold else (model_name or model_name_of(model))
     result = SuiteResult(suite=suite.name, model=name, suite_file=suite.path)
     t0 = time.perf_counter()

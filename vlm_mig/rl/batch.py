@@ -8,6 +8,7 @@ import torch
 
 from vlm_mig.advantages import Advantages
 from vlm_mig.data.schema import Sample
+from vlm_mig.losses import LossInputs
 from vlm_mig.rewards import Rewards
 from vlm_mig.rollout import Rollouts
 from vlm_mig.steps import StepSpans
@@ -67,3 +68,21 @@ class RLBatch:
     def K(self) -> torch.Tensor:
         """[N] number of steps of each row."""
         return torch.tensor([sp.K for sp in self.spans])
+
+    @property
+    def cuts(self) -> list[list[int]]:
+        """Per row, the completion-relative prefix ends c_0..c_K its l_k are scored at (none without a think)."""
+        return [sp.prefix_ends if sp.think else [] for sp in self.spans]
+
+    def loss_inputs(self, rows: list[int], device: torch.device, adv_out: torch.Tensor, adv_proc: torch.Tensor,
+                    gate: torch.Tensor) -> LossInputs:
+        """Rows ``rows`` as ``total_loss`` takes them, on ``device``: the masks, the given token advantages of those
+        rows, the old and reference log-probs, and the SFT ``gate`` of the whole batch (sliced here)."""
+        idx = torch.tensor(rows, dtype=torch.long)
+
+        def on(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[idx].to(device)
+
+        return LossInputs(m_full=on(self.m_full), m_cot=on(self.m_proc), adv_out=adv_out.to(device),
+                          adv_proc=adv_proc.to(device), old_logp=on(self.old_logp), ref_logp=on(self.ref_logp),
+                          acc=on(self.acc), fmt=on(self.fmt), r_proc=on(self.r_proc), gate=on(gate))

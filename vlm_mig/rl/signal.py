@@ -61,8 +61,8 @@ class _GroupGradients:
         self.params = [p for p in trainer.model.parameters() if p.requires_grad]
         self.grads: list[torch.Tensor] = []
 
-    def completion_logprobs(self, rollouts, rows):
-        return self.trainer.completion_logprobs(rollouts, rows)
+    def completion_logprobs(self, rollouts, rows, scoring=None):
+        return self.trainer.completion_logprobs(rollouts, rows, scoring)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         self.trainer.backward(loss, last=True)
@@ -87,7 +87,8 @@ def group_gradients(trainer: Any, step: int,
     batch = stages.rollout(trainer.engine, samples, seeds)
     stages.segment(batch, trainer.tok, trainer.step_cfg)
     stages.reward(batch, trainer.reward_specs)
-    stages.score(batch, trainer.scorer)
+    # Scored up front (never in the update): every term's update below reads the same advantages.
+    stages.score(batch, dataclasses.replace(trainer.scorer, in_update=False))
     stages.advantages(batch, cfg.advantage, cfg.mig.min_spread, trainer.acc)
     out = {}
     for name, loss_cfg in terms.items():

@@ -1,7 +1,7 @@
 """The ``Rollouts`` batch that flows through the pipeline, and the engine interface that makes it.
 
 An engine only samples: it returns token ids, masks, texts and position ids. Old log-probs are never its job:
-callers that need them run the trainer's own teacher-forced fp32 pass (``vlm_mig.mig.teacher_forced_logprobs``,
+callers that need them run the trainer's own teacher-forced fp32 pass (``vlm_mig.forward.teacher_forced_logprobs``,
 or the packed scoring pass), whichever backend sampled, so MIG scores and PPO ratios never depend on it.
 """
 
@@ -166,6 +166,20 @@ def assemble_rollouts(model: Any, processor: Any, samples: list[Sample], batch: 
     return rollouts
 
 
+def given_rollouts(samples: list[Sample], prompts: PromptBatch, completions: list[torch.Tensor], texts: list[str],
+                   pad_id: int) -> Rollouts:
+    """``Rollouts`` of completions that were given, not sampled: one per sample (G = 1), every token of each
+    counted as written (none is cut at an EOS). What ``vlm-mig score`` runs the segment and score stages on."""
+    width = max([c.numel() for c in completions], default=0)
+    ids = torch.full((len(completions), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(completions), width, dtype=torch.long)
+    for i, c in enumerate(completions):
+        ids[i, : c.numel()], mask[i, : c.numel()] = c, 1
+    return Rollouts(samples=list(samples), prompts=prompts, group=torch.arange(len(samples)),
+                    prompt_ids=prompts.input_ids.cpu(), prompt_mask=prompts.attention_mask.cpu(), completion_ids=ids,
+                    completion_mask=mask, texts=list(texts))
+
+
 def repeat_prompts(batch: PromptBatch, times: int) -> PromptBatch:
     """Each prompt row repeated ``times`` times in place (a, a, b, b, ...), images included."""
     if times == 1:
@@ -178,7 +192,9 @@ def select_prompts(batch: PromptBatch, rows: list[int]) -> PromptBatch:
     idx = torch.tensor(rows, dtype=torch.long)
     pixel_values = grid = None
     if batch.pixel_values is not None:
-        patches = batch.image_grid_thw.prod(-1)
+        if len(batch.image_patches) != batch.image_grid_thw.shape[0]:
+            raise ValueError("a PromptBatch with images needs image_patches (encode_prompts fills it)")
+        patches = torch.tensor(batch.image_patches, dtype=torch.long)
         starts = torch.cat([patches.new_zeros(1), patches.cumsum(0)[:-1]])
         first_image = [0]
         for n_img in batch.images_per_sample:
@@ -199,4 +215,5 @@ def select_prompts(batch: PromptBatch, rows: list[int]) -> PromptBatch:
         pixel_values=pixel_values,
         image_grid_thw=grid,
         images_per_sample=[batch.images_per_sample[r] for r in rows] if batch.images_per_sample else [],
+        image_patches=[batch.image_patches[j] for j in image_rows] if batch.pixel_values is not None else [],
     )

@@ -36,9 +36,9 @@ from typing import Any
 
 import torch
 
-from vlm_mig.adapter import adapter_for, base_model
+from vlm_mig.adapter import adapter_for, base_model, is_multimodal
 from vlm_mig.data.schema import Sample
-from vlm_mig.processing import PromptBatch, PromptTemplate, encode_prompts, is_processor, load_images
+from vlm_mig.processing import PromptBatch, PromptTemplate, encode_prompts, load_images
 from vlm_mig.rollout.base import (
     RolloutConfig,
     RolloutEngine,
@@ -174,7 +174,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self.config = config or RolloutConfig(backend="vllm")
         self.template = template or PromptTemplate()
         self.eos_ids, self.pad_id = eos_and_pad(model, processor)
-        self.multimodal = is_processor(processor)
+        self.multimodal = is_multimodal(processor)
         hf_config = base_model(model).config
         self.image_token_id = adapter_for(model).image_token_id(model) if self.multimodal else None
         path = getattr(hf_config, "_name_or_path", "")
@@ -208,7 +208,8 @@ class VLLMRolloutEngine(RolloutEngine):
         batch = encode_prompts(self.processor, samples, self.template, cfg.max_prompt_length, cfg.min_pixels,
                                cfg.max_pixels)
         # The same sizing as encode_prompts (qwen-vl-utils), so vLLM's processor sees the same pixels.
-        images = [load_images(s, cfg.min_pixels, cfg.max_pixels) if self.multimodal else [] for s in samples]
+        images = [load_images(s, cfg.min_pixels, cfg.max_pixels, adapter_for(self.processor)) if self.multimodal else []
+                  for s in samples]
         prompts = vllm_prompts(batch, images, self.image_token_id)
         expected = prompt_token_ids(batch)
         longest = max(len(ids) for ids in expected)
