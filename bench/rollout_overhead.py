@@ -3,7 +3,7 @@
 Both sample the same prompts x G completions with the same seed and settings; the engine also encodes
 the prompts (chat template, image loading and sizing), builds masks, texts and position ids. The last row
 adds the teacher-forced fp32 old-log-prob pass a caller runs on the rollouts when it needs them
-(``vlm_mig.mig.teacher_forced_logprobs``; the trainer gets them from its packed scoring pass instead).
+(``vlm_mig.forward.teacher_forced_logprobs``; the trainer gets them from its packed scoring pass instead).
 
     python bench/rollout_overhead.py [--prompts 2] [--G 8] [--new-tokens 32]
 """
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import timeit  # noqa: E402
 
 from vlm_mig.data.synthetic import write_clevr  # noqa: E402
-from vlm_mig.mig import teacher_forced_logprobs  # noqa: E402
+from vlm_mig.forward import teacher_forced_logprobs  # noqa: E402
 from vlm_mig.models import build_tiny, load_model, load_processor  # noqa: E402
 from vlm_mig.processing import encode_prompts  # noqa: E402
 from vlm_mig.rollout import RolloutConfig, make_engine, repeat_prompts  # noqa: E402
