@@ -129,7 +129,9 @@ class TrainerConfig:
     seed: int = 0  #: seeds data order, rollouts (per prompt) and initialisation
     max_steps: int = bounded(100, ge=0)  #: optimisation steps (one rollout batch each)
     prompts_per_step: int = bounded(2, ge=1)  #: prompts per step on each process (x G rollouts)
-    micro_batch_size: int = bounded(8, ge=1)  #: rollouts per forward/backward in the update (gradient accumulation)
+    #: rollouts per forward/backward in the update (gradient accumulation); when the update scores MIG itself
+    #: (``rl.stages.in_update_blocker``) it takes whole groups: the largest multiple of num_generations that fits
+    micro_batch_size: int = bounded(8, ge=1)
     num_iterations: int = bounded(1, ge=1)  #: optimisation passes over each rollout batch (SPEC default 1)
     sft_batch_size: int = bounded(16, ge=1)  #: examples per step for ``vlm-mig sft``
     #: ``vlm-mig sft`` with a frozen vision tower: encode each prompt and its image features once and reuse them

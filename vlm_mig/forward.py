@@ -9,9 +9,14 @@ row up to the end of ``S_k`` (the cut ``c_k``) and itself, never another copy. E
 the probe would have had if appended right after ``S_k`` (the model adapter's ``text_positions``), so the pass
 equals K+1 separate passes to float tolerance. The same pass yields the log-probs of every completion token:
 with gradient for the update (``vlm_mig.rl.stages.update`` scores and trains in this one pass when it can), or
-as ``log pi_old`` under ``no_grad``. Image features are computed once per prompt (``prompt_pieces``) and shared
-by all rollouts of its group. Only scored positions get fp32 log-softmax, chunked, never full-vocabulary logits
-for the whole row; the answer tokens are scored without gradient (``l_k`` is a reward, never a loss term).
+as ``log pi_old`` under ``no_grad``. With gradient the pass runs in two calls of the decoder: ``[x][z]`` of the
+whole micro-batch with a key/value cache (the graph the backward needs, the pass GRPO makes), then the copies on
+that cache under ``no_grad``, so they cost a forward over their own tokens and no backward (without a cache in
+training, i.e. with gradient checkpointing, the copies ride in the one call).
+
+Image features are computed once per prompt (``prompt_pieces``) and shared by all rollouts of its group. Only
+scored positions get fp32 log-softmax, chunked, never full-vocabulary logits for the whole row; the answer tokens
+are scored without gradient (``l_k`` is a reward, never a loss term).
 
 The completion log-probs are taken at the rollout temperature, the ``l_k`` at 1. The MIG math on the ``l_k``
 lives in ``vlm_mig.mig``.
@@ -115,6 +120,7 @@ class PackedLayout:
     answer_unit: torch.Tensor  #: unit id of each answer token within its copy (``answer_scores``)
     n_copies: int
     n_variants: int
+    n_base: int  #: tokens of ``[x][z]``, before the first copy
 
 
 def layout_row(row: ScoreRow, probe_ids: torch.Tensor, adapter=None) -> PackedLayout:
@@ -186,23 +192,19 @@ def layout_row(row: ScoreRow, probe_ids: torch.Tensor, adapter=None) -> PackedLa
         answer_copy=torch.cat(ans_copy) if ans_copy else empty,
         answer_unit=torch.cat(ans_unit) if ans_unit else empty,
         n_copies=copy,
+        n_base=P + T,
         n_variants=len(row.variants),
     )
 
 
-def block_mask(layouts: list[PackedLayout], length: int, dtype: torch.dtype) -> torch.Tensor:
-    """Float additive 4D mask [B, 1, L, L] (0 = attend, dtype min = blocked) for right-padded packed rows.
+def block_mask(visible: torch.Tensor, copy_id: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float additive 4D mask [B, 1, L, L] (0 = attend, dtype min = blocked) for padded packed rows, from each
+    token's ``visible`` (last base index it may attend to) and ``copy_id`` (-1 base, -2 padding, else its copy).
 
     A base token attends causally to the base; a copy token attends to the base up to its cut and causally
-    within its own copy. Padding rows attend to themselves only, so no softmax row is empty (no NaN).
+    within its own copy. Padding attends to itself only, so no softmax row is empty (no NaN).
     """
-    B = len(layouts)
-    visible = torch.full((B, length), -1, dtype=torch.long)
-    copy_id = torch.full((B, length), -2, dtype=torch.long)  # -2 marks padding
-    for i, lay in enumerate(layouts):
-        n = lay.ids.numel()
-        visible[i, :n] = lay.visible
-        copy_id[i, :n] = lay.copy_id
+    B, length = visible.shape
     idx = torch.arange(length)
     q_vis = visible.unsqueeze(2)  # [B, L, 1]
     k_is_base = (copy_id == -1).unsqueeze(1)  # [B, 1, L]
@@ -264,26 +266,47 @@ def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob
         raise ValueError(f"answer score must be one of {ANSWER_SCORES}, got {answer_score!r}")
     device = next(model.parameters()).device
     adapter = adapter_for(model)
+    decoder = adapter.decoder(model)
     layouts = [layout_row(r, probe_ids, adapter) for r in rows]
-    L = max(lay.ids.numel() for lay in layouts)
+    bases = [lay.n_base for lay in layouts]
+    # With gradient, the copies run after the whole micro-batch's [x][z], on its cached keys and values and without
+    # a graph: the backward covers the pass GRPO makes, and the copies cost a forward over their own tokens.
+    split = torch.is_grad_enabled() and any(lay.n_copies for lay in layouts) and _caches_in_training(decoder)
+    W = max(bases)
+    starts = [W if split else b for b in bases]  # where each row's copies begin
+    L = max(s + lay.ids.numel() - b for s, b, lay in zip(starts, bases, layouts))
     B = len(rows)
     mrope = rows[0].prompt.positions.dim() == 2
     ids = torch.zeros(B, L, dtype=torch.long)
-    pos = torch.zeros((3, B, L) if mrope else (B, L), dtype=torch.long)
-    for i, lay in enumerate(layouts):
+    pos = torch.zeros((3, B, L) if mrope else (1, B, L), dtype=torch.long)
+    visible = torch.full((B, L), -1, dtype=torch.long)
+    copy_id = torch.full((B, L), -2, dtype=torch.long)  # -2 marks padding
+    for i, (lay, b, s) in enumerate(zip(layouts, bases, starts)):
         n = lay.ids.numel()
-        ids[i, :n] = lay.ids
-        if mrope:
-            pos[:, i, :n] = lay.positions
-        else:
-            pos[i, :n] = lay.positions
+        for dst, src in ((ids[i], lay.ids), (visible[i], lay.visible), (copy_id[i], lay.copy_id)):
+            dst[:b], dst[s : s + n - b] = src[:b], src[b:]
+        lp = lay.positions if mrope else lay.positions.unsqueeze(0)
+        pos[:, i, :b], pos[:, i, s : s + n - b] = lp[:, :b], lp[:, b:]
+        lay.answer_src = torch.where(lay.answer_src >= b, lay.answer_src + (s - b), lay.answer_src)
+    pos = pos if mrope else pos[0]
     ids, pos = ids.to(device), pos.to(device)
     embeds = adapter.input_embeddings(model)(ids)
     if any(r.prompt.image_embeds is not None for r in rows):
         embeds = _scatter_images(adapter.image_token_id(model), embeds, ids, rows)
-    mask = block_mask(layouts, L, embeds.dtype).to(device)
-    hidden = adapter.decoder(model)(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
-    hidden = hidden.last_hidden_state
+    mask = block_mask(visible, copy_id, embeds.dtype).to(device)
+    if split:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=decoder.config)
+        kw = {_cache_arg(decoder): cache, "use_cache": True}
+        hidden = decoder(inputs_embeds=embeds[:, :W], attention_mask=mask[:, :, :W, :W], position_ids=pos[..., :W],
+                         **kw).last_hidden_state
+        with torch.no_grad():  # the copies' K and V join the cache, the completions' stay as the backward saved them
+            copies = decoder(inputs_embeds=embeds[:, W:], attention_mask=mask[:, :, W:, :], position_ids=pos[..., W:],
+                             **kw).last_hidden_state
+        hidden = torch.cat([hidden, copies], dim=1)
+    else:
+        hidden = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
 
     def gather(src_of, tgt_of) -> tuple[torch.Tensor, torch.Tensor]:
         rows_, pos_ = zip(*[(torch.full_like(src_of(lay), i), src_of(lay)) for i, lay in enumerate(layouts)])
@@ -316,6 +339,18 @@ def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob
         results.append(RowScores(l=best[answer_score], l_variants=by_score[answer_score], completion_logprobs=comp,
                                  l_by_score=best))
     return results
+
+
+def _cache_arg(decoder) -> str:
+    """The decoder's keyword for a key/value cache (transformers 5.25 renamed ``past_key_values`` to ``cache``)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def _caches_in_training(decoder) -> bool:
+    """Whether a training forward of ``decoder`` fills a key/value cache (gradient checkpointing drops it)."""
+    return not any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules()) or not decoder.training
 
 
 def _scatter_images(image_token: int, embeds: torch.Tensor, ids: torch.Tensor, rows: list[ScoreRow]) -> torch.Tensor:
