@@ -136,7 +136,7 @@ def vllm_checks(trainer, samples, r) -> dict:
     """vLLM's own log-probs vs the trainer's teacher-forced ones on vLLM's tokens; greedy vLLM vs greedy HF."""
     from vlm_mig.forward import teacher_forced_logprobs
     from vlm_mig.processing import load_images
-    from vlm_mig.rollout.base import assemble_rollouts, repeat_prompts
+    from vlm_mig.rollout.base import assemble_rollouts
     from vlm_mig.rollout.vllm import pad_token_lists, prompt_token_ids, sampling_kwargs, vllm_prompts
 
     engine, cfg = trainer.engine, trainer.engine.config
@@ -154,7 +154,7 @@ def vllm_checks(trainer, samples, r) -> dict:
     toks = [list(o.outputs[0].token_ids) for o in outs]
     theirs = [torch.tensor([float(getattr(lp[t], "logprob", lp[t])) for t, lp in zip(tk, o.outputs[0].logprobs)])
               for tk, o in zip(toks, outs)]
-    own = assemble_rollouts(trainer.model, trainer.processor, samples, batch, repeat_prompts(batch, G),
+    own = assemble_rollouts(trainer.processor, samples, batch,
                             pad_token_lists(toks, engine.pad_id), engine.eos_ids, engine.pad_id)
     with trainer.acc.autocast():
         ours = teacher_forced_logprobs(trainer.model, own)

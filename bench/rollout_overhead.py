@@ -78,8 +78,8 @@ def repeated_path(engine, samples, seeds, sampler_cls):
                                                                                       cfg.top_p)]),
                                     max_new_tokens=cfg.max_new_tokens, eos_token_id=engine.eos_ids,
                                     pad_token_id=engine.pad_id)
-    return assemble_rollouts(engine.model, engine.processor, samples, batch, repeated,
-                             out[:, repeated.input_ids.shape[1]:], engine.eos_ids, engine.pad_id)
+    return assemble_rollouts(engine.processor, samples, batch, out[:, repeated.input_ids.shape[1]:], engine.eos_ids,
+                             engine.pad_id)
 
 
 def alternate(fns: dict, rounds: int) -> dict[str, list[float]]:

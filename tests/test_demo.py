@@ -133,8 +133,12 @@ def test_quick_demo_writes_every_output_and_each_parses(tmp_path):
     for method in ("grpo", "mig"):
         (run,) = results["results"][method]
         assert run["seed"] == 0 and set(run) >= {"id", "ood", "run"}
-        assert 0 < run["weights"]["relative_change"] < 1 and run["weights"]["parameters"] > 0
         metrics = rep.read_jsonl(Path(run["run"]) / "metrics.jsonl")
+        # The weights move exactly when some step had a gradient: on the quick plan's weak start every rollout of
+        # a few steps may get the same reward, and then GRPO has none (MIG's SFT and process terms may still).
+        moved = any(g > 0 for g in rep.series(metrics, "optim/grad_norm")[1])
+        assert (run["weights"]["relative_change"] > 0) == moved and run["weights"]["relative_change"] < 1
+        assert run["weights"]["parameters"] > 0
         steps, acc = rep.series(metrics, "reward/accuracy")
         assert steps == list(range(1, results["plan"]["rl_steps"] + 1))
         assert rep.series(metrics, "val/accuracy")[0][0] == 0  # the SFT start, validated before RL

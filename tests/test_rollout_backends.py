@@ -20,7 +20,7 @@ from vlm_mig.config import ConfigError, load_config
 from vlm_mig.data.schema import Sample
 from vlm_mig.models import load_model, load_processor
 from vlm_mig.processing import PromptTemplate, build_messages, encode_prompts, tokenizer_of
-from vlm_mig.rollout import HFRolloutEngine, RolloutConfig, make_engine, repeat_prompts
+from vlm_mig.rollout import HFRolloutEngine, RolloutConfig, make_engine
 from vlm_mig.rollout.base import assemble_rollouts
 from vlm_mig.rollout.sampling import rollout_seed
 from vlm_mig.rollout.vllm import (
@@ -235,8 +235,8 @@ def test_token_lists_assemble_into_the_same_rollouts_as_the_hf_engine(tiny_vl_di
     r = engine.generate(samples, seeds=[3, 4])
     lists = [row[m.bool()].tolist() for row, m in zip(r.completion_ids, r.completion_mask)]
     batch = encode_prompts(proc, samples)
-    again = assemble_rollouts(model, proc, samples, batch, repeat_prompts(batch, 2),
+    again = assemble_rollouts(proc, samples, batch,
                               pad_token_lists(lists, engine.pad_id), engine.eos_ids, engine.pad_id)
-    for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "position_ids", "group"):
+    for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "group"):
         assert torch.equal(getattr(again, name), getattr(r, name)), name
     assert again.texts == r.texts

@@ -152,16 +152,19 @@ class _Grads:
         return 0.0
 
 
-@pytest.mark.parametrize("credit", ["trajectory", "step"])
-def test_scoring_in_the_update_equals_scoring_before_it(sft_vl_dir, tmp_path, credit):
-    """The l_k from the update's own forward (micro-batches of whole groups) give the loss and gradient of the
-    separate score pass."""
+@pytest.mark.parametrize("credit, checkpointing", [("trajectory", False), ("step", False), ("trajectory", True)])
+def test_scoring_in_the_update_equals_scoring_before_it(sft_vl_dir, tmp_path, credit, checkpointing):
+    """The l_k from the update's own forward (micro-batches of whole groups; the copies on the completions' cache,
+    or in the same call under gradient checkpointing) give the loss and gradient of the separate score pass."""
+    from vlm_mig.forward import _caches_in_training
     from vlm_mig.rl import stages
 
     over = _rl_overrides(sft_vl_dir, tmp_path / "rl", 1, **{
-        "rollout.max_new_tokens": 40, "trainer.micro_batch_size": 6, "advantage.process_credit": credit})
+        "rollout.max_new_tokens": 40, "trainer.micro_batch_size": 6, "advantage.process_credit": credit,
+        "model.gradient_checkpointing": str(checkpointing).lower()})
     cfg = load_config(None, over)
     trainer = Trainer(cfg, "rl")
+    assert trainer.model.training and _caches_in_training(trainer.adapter.decoder(trainer.model)) != checkpointing
     assert stages.in_update_blocker(cfg) is None and trainer.scorer.in_update
     samples, seeds = trainer.batch_for(0, 3)
     runs = {}

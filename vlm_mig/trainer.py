@@ -277,7 +277,9 @@ class Trainer:
                 model = get_peft_model(model, LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha,
                                                          lora_dropout=m.lora_dropout,
                                                          target_modules=m.lora_target_modules))
-        return model.to(self.acc.device)
+        # from_pretrained returns a model in eval mode; the policy trains (gradient checkpointing, LoRA dropout and
+        # any dropout of the checkpoint act only in train mode; the rollout engine switches to eval to sample).
+        return model.to(self.acc.device).train()
 
     def _new_prompt_cache(self) -> dict[str, dict[str, Any]] | None:
         if not self.cfg.trainer.cache_prompts:

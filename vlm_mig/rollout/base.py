@@ -1,6 +1,6 @@
 """The ``Rollouts`` batch that flows through the pipeline, and the engine interface that makes it.
 
-An engine only samples: it returns token ids, masks, texts and position ids. Old log-probs are never its job:
+An engine only samples: it returns token ids, masks and texts. Old log-probs are never its job:
 callers that need them run the trainer's own teacher-forced fp32 pass (``vlm_mig.forward.teacher_forced_logprobs``,
 or the packed scoring pass), whichever backend sampled, so MIG scores and PPO ratios never depend on it.
 """
@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from vlm_mig.adapter import adapter_for
 from vlm_mig.data.schema import Sample
 from vlm_mig.fields import bounded, check_fields, choice
 from vlm_mig.processing import PromptBatch, tokenizer_of
@@ -69,7 +68,6 @@ class Rollouts:
     completion_ids: torch.Tensor  #: [N, T] right padded
     completion_mask: torch.Tensor  #: [N, T] 1 for every token through the first EOS
     texts: list[str]  #: decoded completions (special tokens dropped)
-    position_ids: torch.Tensor | None = None  #: [3, N, P+T] M-RoPE ids (VLMs) or [N, P+T], 0 on padding
 
     @property
     def attention_mask(self) -> torch.Tensor:
@@ -139,11 +137,11 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.T
     return (seen_before == 0).long()
 
 
-def assemble_rollouts(model: Any, processor: Any, samples: list[Sample], batch: PromptBatch, repeated: PromptBatch,
-                      completion: torch.Tensor, eos_ids: list[int], pad_id: int) -> Rollouts:
-    """The ``Rollouts`` of sampled ``completion`` ids ([N, T], rows in ``repeated``'s order): masks through the
-    first EOS, padding after it, texts and the full-sequence position ids. Every backend ends here, so what
-    flows downstream never depends on which one sampled."""
+def assemble_rollouts(processor: Any, samples: list[Sample], batch: PromptBatch, completion: torch.Tensor,
+                      eos_ids: list[int], pad_id: int) -> Rollouts:
+    """The ``Rollouts`` of sampled ``completion`` ids ([N, T], G rows per prompt of ``batch``, in its order): masks
+    through the first EOS, padding after it, texts. Every backend ends here, so what flows downstream never
+    depends on which one sampled."""
     completion = completion.cpu()
     mask = completion_mask(completion, eos_ids)
     completion = completion.masked_fill(mask == 0, pad_id)
@@ -154,15 +152,12 @@ def assemble_rollouts(model: Any, processor: Any, samples: list[Sample], batch: 
         samples=list(samples),
         prompts=batch,
         group=torch.arange(len(samples)).repeat_interleave(G),
-        prompt_ids=repeated.input_ids.cpu(),
-        prompt_mask=repeated.attention_mask.cpu(),
+        prompt_ids=batch.input_ids.cpu().repeat_interleave(G, dim=0),
+        prompt_mask=batch.attention_mask.cpu().repeat_interleave(G, dim=0),
         completion_ids=completion,
         completion_mask=mask,
         texts=texts,
     )
-    grid = repeated.image_grid_thw.cpu() if repeated.image_grid_thw is not None else None
-    rollouts.position_ids = adapter_for(model).position_ids(model, torch.cat([rollouts.prompt_ids, completion], 1),
-                                                            rollouts.attention_mask, rollouts.mm_token_type_ids, grid)
     return rollouts
 
 

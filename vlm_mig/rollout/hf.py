@@ -80,9 +80,7 @@ class HFRolloutEngine(RolloutEngine):
             completion = generate_groups(self.model, dataclasses.replace(batch).to(device), G, decode)
         finally:
             self.model.train(was_training)
-        # The repeated prompt rows carry ids and masks into the rollouts; nothing runs on their images.
-        return assemble_rollouts(self.model, self.processor, samples, batch, repeat_prompts(batch, G), completion,
-                                 self.eos_ids, self.pad_id)
+        return assemble_rollouts(self.processor, samples, batch, completion, self.eos_ids, self.pad_id)
 
 
 def shares_prefill(model: Any, batch: PromptBatch, times: int) -> bool:

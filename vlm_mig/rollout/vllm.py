@@ -45,7 +45,6 @@ from vlm_mig.rollout.base import (
     Rollouts,
     assemble_rollouts,
     eos_and_pad,
-    repeat_prompts,
 )
 from vlm_mig.rollout.sampling import rollout_seed
 from vlm_mig.rollout.weights import checkpoint_weights, gathered_parameters
@@ -230,7 +229,7 @@ class VLLMRolloutEngine(RolloutEngine):
         for r, out in enumerate(outputs):
             check_prompt_ids(expected[r // G], out.prompt_token_ids, samples[r // G].id, self.image_token_id)
         completion = pad_token_lists([list(out.outputs[0].token_ids) for out in outputs], self.pad_id)
-        return assemble_rollouts(self.model, self.processor, samples, batch, repeat_prompts(batch, G), completion,
+        return assemble_rollouts(self.processor, samples, batch, completion,
                                  self.eos_ids, self.pad_id)
 
     @torch.no_grad()
