@@ -1,7 +1,8 @@
 """What one RL step costs, as ratios of alternated runs in one invocation (issue 21, item 6).
 
 P2  MIG step / GRPO step (goal <= 1.05): the demo's SFT start and recipe (``<demo>/configs/{grpo,mig}-seed0.yaml``),
-    two ``Trainer`` objects side by side; each pair runs ``rl_step()`` on MIG then on GRPO at the same step index
+    two ``Trainer`` objects side by side; each pair runs ``rl_step()`` on MIG and on GRPO (the order alternating
+    from pair to pair) at the same step index
     (same prompts, same rollout seeds). By default ``optim.lr=0``: the weights never move, so both sides sample the
     very same completions at every pair and differ only in MIG's work (``--keep-lr`` keeps the recipe's lr).
 P3  our GRPO step / TRL ``GRPOTrainer``'s step (goal <= 0.80): random-init tiny Qwen2-VL, 2 prompts x G = 8,
@@ -88,7 +89,8 @@ def run_p2(grpo_cfg: Path, mig_cfg: Path, tmp: Path, args) -> dict:
     same = []
     for i in range(args.warmup + args.pairs):
         got, dts = {}, {}
-        for name in ("mig", "grpo"):  # A = MIG, B = GRPO
+        # A = MIG, B = GRPO; who goes first alternates, so neither side always finds the caches the other warmed
+        for name in (("mig", "grpo") if i % 2 == 0 else ("grpo", "mig")):
             dts[name], got[name] = timed_step(sides[name], i)
             if i >= args.warmup:
                 wall[name].append(dts[name])
