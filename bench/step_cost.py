@@ -9,6 +9,10 @@ P3  our GRPO step / TRL ``GRPOTrainer``'s step (goal <= 0.80): random-init tiny 
     32 new tokens, beta (kl) 0.04, one optimisation pass per batch in 2 micro-batches of 8 (one optimizer step
     over 16 completions), the same lr, temperature 1, all weights trained. TRL drives the loop; a callback times
     each of its steps (``on_step_begin`` -> ``on_step_end``) and then runs and times our step on the same prompts.
+UPD the update stage alone, MIG (scored in the update's forward) / GRPO, on one batch of the P2 MIG trainer (its
+    rollouts at step 0, lr 0), alternated; with the seconds of each decoder call of one MIG and one GRPO update
+    (the copies' own call without gradient shows as the short ones), and the MIG update with the copies kept
+    in the pass with gradient (``--parts upd`` only; what the update cost before their call of their own).
 GEN the ``hf`` rollout engine's generate (seeded, as the trainer calls it, and unseeded) against a bare
     ``model.generate`` on the same encoded batch (same model and workload as P3); TRL's generation time (its
     ``_generate``: prompt encoding + ``generate``) and ours (``time/generate``) come from the P3 runs.
@@ -40,7 +44,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_json  # noqa: E402
 
-PARTS = ("p2", "p3", "gen")
+PARTS = ("p2", "upd", "p3", "gen")
 #: Overrides that make a run config a timing harness: no validation, no checkpoints, no loggers, no samples.
 HARNESS = ["trainer.eval_steps=0", "trainer.save_steps=1000000", "trainer.max_steps=1000000", "trainer.report_to=[]",
            "trainer.progress=false", "trainer.sample_log_steps=0", "data.validation=null"]
@@ -112,6 +116,81 @@ def run_p2(grpo_cfg: Path, mig_cfg: Path, tmp: Path, args) -> dict:
     for t in sides.values():
         t.log.close()
     return out
+
+
+def run_upd(mig_cfg: Path, tmp: Path, args) -> dict:
+    import dataclasses
+
+    import torch
+
+    import vlm_mig.forward as fwd
+    from vlm_mig.rl import stages
+
+    common = [f"trainer.threads={args.threads}", "optim.lr=0", *(args.override or [])]
+    tr = make_trainer(mig_cfg, tmp / "upd-mig", common)
+    cfg = tr.cfg
+    samples, seeds = tr.batch_for(0, cfg.trainer.prompts_per_step)
+    batch = stages.rollout(tr.engine, samples, seeds)
+    stages.segment(batch, tr.tok, tr.step_cfg)
+    stages.reward(batch, tr.reward_specs)
+    stages.score(batch, tr.scorer)
+    scoring = stages.step_scoring(batch, tr.scorer)
+    grpo_loss = dataclasses.replace(cfg.loss, alpha=0.0, gamma=0.0)
+    decoder = tr.adapter.decoder(tr.model)
+    calls: list[tuple[list[int], bool, float]] = []
+    forward = decoder.forward
+
+    def timed_forward(*a, **kw):
+        t0 = time.perf_counter()
+        out = forward(*a, **kw)
+        calls.append((list(kw["inputs_embeds"].shape[:2]), torch.is_grad_enabled(), time.perf_counter() - t0))
+        return out
+
+    class KeepNoStep:  # the trainer's passes and backward; the optimizer step only clears the gradient
+        device = tr.device
+        completion_logprobs = staticmethod(tr.completion_logprobs)
+        backward = staticmethod(tr.backward)
+
+        @staticmethod
+        def optimizer_step():
+            tr.optimizer.zero_grad(set_to_none=True)
+            return 0.0
+
+    def update(name: str) -> float:
+        mb = cfg.trainer.micro_batch_size
+        t0 = time.perf_counter()
+        if name == "grpo":
+            stages.advantages(batch, cfg.advantage, cfg.mig.min_spread, tr.acc)
+            stages.update(batch, KeepNoStep, grpo_loss, micro_batch_size=mb, num_iterations=1, dist=tr.acc)
+        else:
+            stages.update(batch, KeepNoStep, cfg.loss, micro_batch_size=mb, num_iterations=1, dist=tr.acc,
+                          in_update=stages.InUpdate(scoring, cfg.mig, cfg.advantage))
+        return time.perf_counter() - t0
+
+    names = ("mig", "grpo", "mig_one_call")
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    split = fwd._caches_in_training
+    decoder.forward = timed_forward
+    try:
+        for i in range(args.warmup + args.pairs):
+            for name in names if i % 2 == 0 else names[::-1]:
+                calls.clear()
+                fwd._caches_in_training = (lambda d: False) if name == "mig_one_call" else split
+                dt = update("grpo" if name == "grpo" else "mig")
+                if i >= args.warmup:
+                    wall[name].append(dt)
+                if i == args.warmup + args.pairs - 1:
+                    print(f"  upd {name}: decoder calls [rows, tokens], grad, s: "
+                          + ", ".join(f"{c[0]} {c[1]} {c[2]:.4f}" for c in calls), flush=True)
+                    wall[f"{name}_calls"] = [list(c) for c in calls]
+    finally:
+        decoder.forward = forward
+        fwd._caches_in_training = split
+    tr.log.close()
+    return {"mig_over_grpo": paired(wall["mig"], wall["grpo"]),
+            "mig_one_call_over_grpo": paired(wall["mig_one_call"], wall["grpo"]),
+            "decoder_calls": {n: wall[f"{n}_calls"] for n in names},
+            "rows": batch.n, "micro_batch_size": cfg.trainer.micro_batch_size}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,6 +405,12 @@ def print_tables(res: dict) -> None:
         r = res["p2"]["mig_over_grpo"]
         rows.append(["P2 MIG step / GRPO step (demo start)", ms(r["a_median_s"]), ms(r["b_median_s"]),
                      f"{r['ratio_median']:.3f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]", r["pairs"], "<= 1.05"])
+    if "upd" in res:
+        for key, label in (("mig_over_grpo", "update stage: MIG (scored in it) / GRPO"),
+                           ("mig_one_call_over_grpo", "update stage: MIG, copies in the pass with gradient / GRPO")):
+            r = res["upd"][key]
+            rows.append([label, ms(r["a_median_s"]), ms(r["b_median_s"]),
+                         f"{r['ratio_median']:.3f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]", r["pairs"], ""])
     if "p3" in res:
         r = res["p3"]["ours_over_trl"]
         rows.append(["P3 our GRPO step / TRL GRPOTrainer step", ms(r["a_median_s"]), ms(r["b_median_s"]),
@@ -359,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config-mig", help="P2's MIG config (instead of --demo)")
     ap.add_argument("--override", action="append", help="extra section.key=value for both P2 configs")
     ap.add_argument("--keep-lr", action="store_true", help="P2 keeps the recipe's lr (default: optim.lr=0)")
-    ap.add_argument("--parts", default="p2,p3,gen", help=f"comma-separated, of {','.join(PARTS)}")
+    ap.add_argument("--parts", default="p2,upd,p3,gen", help=f"comma-separated, of {','.join(PARTS)}")
     ap.add_argument("--pairs", type=int, default=5, help="timed pairs per comparison")
     ap.add_argument("--warmup", type=int, default=1, help="pairs run first and dropped")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the demo runs with 1)")
@@ -374,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--parts: unknown {bad}; choose from {PARTS}")
     if args.pairs < 1:
         ap.error("--pairs must be >= 1")
-    if "p2" in parts:
+    if "p2" in parts or "upd" in parts:
         if args.config_grpo and args.config_mig:
             p2_pair = Path(args.config_grpo), Path(args.config_mig)
         elif args.demo:
@@ -395,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         if "p2" in parts:
             res["p2"] = run_p2(*p2_pair, tmp_path, args)
+        if "upd" in parts:
+            res["upd"] = run_upd(p2_pair[1], tmp_path, args)
         if "p3" in parts:
             import trl
 

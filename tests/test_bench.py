@@ -123,4 +123,6 @@ def test_step_cost_runs_every_part_on_cpu(tmp_path, tiny_vl_dir):
     assert data["p3"]["same_prompts_every_pair"] and data["p3"]["ours_over_trl"]["pairs"] == 1
     assert data["p3"]["prompt_tokens"]["trl"] == sorted(set(data["p3"]["prompt_tokens"]["ours"]))
     assert data["gen"]["engine_seeded_over_bare"]["ratio_median"] > 0
+    calls = data["upd"]["decoder_calls"]  # [rows, tokens], with gradient, seconds: one call per micro-batch or two
+    assert data["upd"]["mig_over_grpo"]["pairs"] == 1 and all(grad for _, grad, _ in calls["mig_one_call"])
     assert "| P3 our GRPO step / TRL GRPOTrainer step |" in res.stdout

@@ -256,7 +256,8 @@ def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: in
 
 def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob_chunk: int = LOGPROB_CHUNK,
                    answer_score: str = MigOptions.answer_score, temperature: float = 1.0) -> list[RowScores]:
-    """Score a micro-batch of rollouts in one forward pass. Runs under the caller's grad mode.
+    """Score a micro-batch of rollouts in one forward pass (with gradient and copies: two decoder calls, the
+    copies on the completions' cache without a graph). Runs under the caller's grad mode.
 
     ``l`` uses ``answer_score``; ``l_by_score`` holds every answer score (they share the pass). The completion
     log-probs are those of the sampler, ``softmax(logits / temperature)`` (the rollout temperature), which the

@@ -169,8 +169,9 @@ def score(batch: RLBatch, scorer: Scorer) -> Scored | None:
     batch.r_proc = torch.zeros(batch.n)
     batch.gains = torch.zeros(batch.n, 0)
     batch.l0_blind = [None] * batch.n
-    scoring = step_scoring(batch, scorer) if scorer.step_scores else None
-    here = scoring is not None and not scorer.in_update
+    here = scorer.step_scores and not scorer.in_update  # the l_k come from this pass
+    # (the visual evidence scores copy 0 of each row with its answer forms too)
+    scoring = step_scoring(batch, scorer) if here or (scorer.step_scores and m.visual_evidence) else None
     scored = None
     if here or scorer.old_logprobs or m.visual_evidence:
         rows = rollout_rows(scorer.model, r, scoring and scoring.cuts, scoring and scoring.answers)
@@ -311,7 +312,6 @@ def update(batch: RLBatch, learner: Learner, cfg: LossConfig, *, micro_batch_siz
     gate = sft_gate(batch.acc, batch.fmt, batch.r_proc, gate_proc=cfg.sft_gate_proc, gates=cfg.sft_gates)
     den = Denominators.from_batch(batch.m_proc, batch.m_full, gate, cfg, total=partial(sum_over_processes, dist))
     dev = learner.device
-    adv_rows: dict[int, Advantages] = {}
 
     def loss_of(rows: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if in_update is None:
@@ -323,7 +323,6 @@ def update(batch: RLBatch, learner: Learner, cfg: LossConfig, *, micro_batch_siz
             logp, ls = learner.completion_logprobs(batch.rollouts, rows, in_update.scoring)
             put_step_scores(batch, rows, ls, in_update.mig)
             adv = _advantages_of_rows(batch, rows, in_update.advantage, in_update.mig.min_spread, None)
-            adv_rows[rows[0]] = adv
             tok_out, tok_proc = adv.tok_out, adv.tok_proc
         return total_loss(logp, batch.loss_inputs(rows, dev, tok_out, tok_proc, gate), cfg, denominators=den)
 
