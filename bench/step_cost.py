@@ -401,29 +401,22 @@ def print_tables(res: dict) -> None:
     from vlm_mig.report import markdown_table
 
     rows = []
+
+    def row(label: str, r: dict, goal: str = "") -> None:
+        rows.append([label, ms(r["a_median_s"]), ms(r["b_median_s"]),
+                     f"{r['ratio_median']:.3f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]", r["pairs"], goal])
+
     if "p2" in res:
-        r = res["p2"]["mig_over_grpo"]
-        rows.append(["P2 MIG step / GRPO step (demo start)", ms(r["a_median_s"]), ms(r["b_median_s"]),
-                     f"{r['ratio_median']:.3f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]", r["pairs"], "<= 1.05"])
+        row("P2 MIG step / GRPO step (demo start)", res["p2"]["mig_over_grpo"], "<= 1.05")
     if "upd" in res:
-        for key, label in (("mig_over_grpo", "update stage: MIG (scored in it) / GRPO"),
-                           ("mig_one_call_over_grpo", "update stage: MIG, copies in the pass with gradient / GRPO")):
-            r = res["upd"][key]
-            rows.append([label, ms(r["a_median_s"]), ms(r["b_median_s"]),
-                         f"{r['ratio_median']:.3f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]", r["pairs"], ""])
+        row("update stage: MIG (scored in it) / GRPO", res["upd"]["mig_over_grpo"])
+        row("update stage: MIG, copies in the pass with gradient / GRPO", res["upd"]["mig_one_call_over_grpo"])
     if "p3" in res:
-        r = res["p3"]["ours_over_trl"]
-        rows.append(["P3 our GRPO step / TRL GRPOTrainer step", ms(r["a_median_s"]), ms(r["b_median_s"]),
-                     f"{r['ratio_median']:.3f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]", r["pairs"], "<= 0.80"])
-        r = res["p3"]["generate"]["ours_over_trl"]
-        rows.append(["generate inside the step: ours / TRL's", ms(r["a_median_s"]), ms(r["b_median_s"]),
-                     f"{r['ratio_median']:.3f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]", r["pairs"], ""])
+        row("P3 our GRPO step / TRL GRPOTrainer step", res["p3"]["ours_over_trl"], "<= 0.80")
+        row("generate inside the step: ours / TRL's", res["p3"]["generate"]["ours_over_trl"])
     if "gen" in res:
-        for key, label in (("engine_seeded_over_bare", "hf engine (seeded) / bare model.generate"),
-                           ("engine_unseeded_over_bare", "hf engine (unseeded) / bare model.generate")):
-            r = res["gen"][key]
-            rows.append([label, ms(r["a_median_s"]), ms(r["b_median_s"]),
-                         f"{r['ratio_median']:.3f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]", r["pairs"], ""])
+        row("hf engine (seeded) / bare model.generate", res["gen"]["engine_seeded_over_bare"])
+        row("hf engine (unseeded) / bare model.generate", res["gen"]["engine_unseeded_over_bare"])
     print(markdown_table(["measurement", "A (median)", "B (median)", "A/B median of pairs [min, max]", "pairs",
                           "goal"], rows))
     if "p2" in res:
