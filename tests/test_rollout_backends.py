@@ -207,7 +207,7 @@ def test_sampling_requests_carry_the_hf_backends_per_rollout_seeds():
     rows = sampling_kwargs(cfg, [2, 7], seeds=[11, 22], n_samples=2)
     assert [r["seed"] for r in rows] == [rollout_seed(s, j) for s in (11, 22) for j in range(3)]
     assert rows[0] == {"n": 1, "max_tokens": 5, "stop_token_ids": [2, 7], "temperature": 0.7, "top_p": 0.9,
-                       "seed": rollout_seed(11, 0)}
+                       "logprobs": 0, "seed": rollout_seed(11, 0)}
     greedy = sampling_kwargs(RolloutConfig(num_generations=2, temperature=0.0), [2], seeds=[1], n_samples=1)
     assert all("seed" not in r and r["temperature"] == 0.0 for r in greedy)
     with pytest.raises(ValueError, match="1 seeds for 2 samples"):
@@ -222,6 +222,7 @@ def test_llm_arguments_of_a_colocated_engine():
     assert kw["enable_sleep_mode"] is True and kw["limit_mm_per_prompt"] == {"image": 2}
     assert kw["distributed_executor_backend"] == "external_launcher" and kw["dtype"] == "bfloat16"
     assert kw["enforce_eager"] is True and kw["seed"] == 7  # vllm_kwargs win
+    assert kw["logprobs_mode"] == "processed_logprobs"  # the sampling distribution's log-probs, not the raw model's
     one = llm_kwargs(cfg, "/ckpt", multimodal=False, sleep_mode=False)
     assert "limit_mm_per_prompt" not in one and "enable_sleep_mode" not in one
     assert "distributed_executor_backend" not in one
@@ -240,3 +241,42 @@ def test_token_lists_assemble_into_the_same_rollouts_as_the_hf_engine(tiny_vl_di
     for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "group"):
         assert torch.equal(getattr(again, name), getattr(r, name)), name
     assert again.texts == r.texts
+
+
+def test_vllm_shaped_log_probs_become_the_rollouts_sampler_log_probs():
+    """What vLLM returns per completion (``outputs[0].logprobs``: per position, token id -> Logprob, the sampled
+    token always among them) becomes ``Rollouts.sampler_logp``, 0 on padding."""
+    from types import SimpleNamespace
+
+    from vlm_mig.rollout.vllm import sampled_logprobs
+
+    lp = lambda v: SimpleNamespace(logprob=v, rank=1)  # noqa: E731
+    ids = [5, 9, 2]
+    reported = [{5: lp(-0.5), 7: lp(-1.0)}, {9: lp(-2.25)}, {2: -0.125}]  # a plain float is taken too
+    assert sampled_logprobs(ids, reported) == [-0.5, -2.25, -0.125]
+    with pytest.raises(ValueError, match="log-probs for 2 of 3"):
+        sampled_logprobs(ids, reported[:2])
+    with pytest.raises(ValueError, match="SamplingParams.logprobs"):
+        sampled_logprobs(ids, None)
+
+
+def test_the_hf_samplers_log_probs_are_the_trainers(tiny_vl_dir, make_image):
+    """On the HF backend the sampler is the policy itself: the log-probs it reports equal the trainer's teacher-forced
+    ones at the rollout temperature (ratio 1), with top-p their renormalised share; greedy reports none."""
+    from vlm_mig.forward import teacher_forced_logprobs
+
+    model, proc = load_model(tiny_vl_dir), load_processor(tiny_vl_dir)
+    samples = _samples(make_image)
+    for temperature, top_p in ((0.7, 1.0), (1.0, 0.9)):
+        engine = HFRolloutEngine(model, proc, RolloutConfig(num_generations=3, max_new_tokens=12,
+                                                            temperature=temperature, top_p=top_p))
+        r = engine.generate(samples, seeds=[3, 4])
+        ours = teacher_forced_logprobs(model, r, temperature=temperature)
+        m = r.completion_mask.bool()
+        assert r.sampler_logp.shape == r.completion_ids.shape and (r.sampler_logp[~m] == 0).all()
+        if top_p == 1.0:
+            assert torch.allclose(r.sampler_logp[m], ours[m], atol=1e-4)
+        else:  # the kept tokens' probabilities renormalised: never below the full softmax's
+            assert (r.sampler_logp[m] >= ours[m] - 1e-4).all() and (r.sampler_logp[m] <= 0).all()
+    greedy = HFRolloutEngine(model, proc, RolloutConfig(num_generations=2, max_new_tokens=6, temperature=0.0))
+    assert greedy.generate(samples, seeds=[3, 4]).sampler_logp is None

@@ -68,6 +68,11 @@ class Rollouts:
     completion_ids: torch.Tensor  #: [N, T] right padded
     completion_mask: torch.Tensor  #: [N, T] 1 for every token through the first EOS
     texts: list[str]  #: decoded completions (special tokens dropped)
+    #: the stop tokens the engine sampled with (``truncated`` reads them); empty: unknown (given completions)
+    eos_ids: tuple[int, ...] = ()
+    #: [N, T] log-prob of each completion token under the distribution that sampled it (tempered, top-p), as the
+    #: sampler reports it, 0 on padding; None where the backend reports none (greedy, generate's own sampling)
+    sampler_logp: torch.Tensor | None = None
 
     @property
     def attention_mask(self) -> torch.Tensor:
@@ -89,6 +94,15 @@ class Rollouts:
     @property
     def completion_lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(-1)
+
+    @property
+    def truncated(self) -> torch.Tensor:
+        """[N] bool: the completion hit ``max_new_tokens`` before a stop token, i.e. none of ``eos_ids`` is among its
+        kept tokens (``completion_mask``); all False when ``eos_ids`` is empty (completions given, not sampled)."""
+        if not self.eos_ids:
+            return torch.zeros(self.completion_ids.shape[0], dtype=torch.bool)
+        stop = torch.isin(self.completion_ids, torch.tensor(self.eos_ids, device=self.completion_ids.device))
+        return ~(stop & self.completion_mask.bool()).any(-1)
 
     def sample_of(self, row: int) -> Sample:
         return self.samples[int(self.group[row])]
@@ -138,10 +152,11 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.T
 
 
 def assemble_rollouts(processor: Any, samples: list[Sample], batch: PromptBatch, completion: torch.Tensor,
-                      eos_ids: list[int], pad_id: int) -> Rollouts:
+                      eos_ids: list[int], pad_id: int, sampler_logp: torch.Tensor | None = None) -> Rollouts:
     """The ``Rollouts`` of sampled ``completion`` ids ([N, T], G rows per prompt of ``batch``, in its order): masks
-    through the first EOS, padding after it, texts. Every backend ends here, so what flows downstream never
-    depends on which one sampled."""
+    through the first EOS, padding after it, texts, and the sampler's log-probs of the tokens (``sampler_logp``
+    [N, T], if it reports them). Every backend ends here, so what flows downstream never depends on which one
+    sampled."""
     completion = completion.cpu()
     mask = completion_mask(completion, eos_ids)
     completion = completion.masked_fill(mask == 0, pad_id)
@@ -157,6 +172,8 @@ def assemble_rollouts(processor: Any, samples: list[Sample], batch: PromptBatch,
         completion_ids=completion,
         completion_mask=mask,
         texts=texts,
+        eos_ids=tuple(eos_ids),
+        sampler_logp=None if sampler_logp is None else sampler_logp.float().cpu().masked_fill(mask == 0, 0.0),
     )
     return rollouts
 

@@ -65,13 +65,15 @@ class HFRolloutEngine(RolloutEngine):
             if len(seeds) != len(samples):
                 raise ValueError(f"{len(seeds)} seeds for {len(samples)} samples")
             row_seeds = [rollout_seed(s, j) for s in seeds for j in range(G)]
-            decode = {"do_sample": False, "logits_processor": LogitsProcessorList(
-                [SeededSampling(row_seeds, cfg.temperature, cfg.top_p)])}
+            sampler = SeededSampling(row_seeds, cfg.temperature, cfg.top_p)
+            decode = {"do_sample": False, "logits_processor": LogitsProcessorList([sampler])}
         elif sampling:
             # SPEC sampling: temperature and top_p only (top_k=0 turns off the generation config's top-k).
             decode = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
         else:
             decode = {"do_sample": False}
+        if not (sampling and seeds is not None):
+            sampler = None  # generate's own sampling reports no log-probs (nor does greedy decoding)
         decode.update(max_new_tokens=cfg.max_new_tokens, eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
         was_training = self.model.training
         self.model.eval()
@@ -80,7 +82,8 @@ class HFRolloutEngine(RolloutEngine):
             completion = generate_groups(self.model, dataclasses.replace(batch).to(device), G, decode)
         finally:
             self.model.train(was_training)
-        return assemble_rollouts(self.processor, samples, batch, completion, self.eos_ids, self.pad_id)
+        sampled = None if sampler is None else sampler.sampled_logprobs(completion)
+        return assemble_rollouts(self.processor, samples, batch, completion, self.eos_ids, self.pad_id, sampled)
 
 
 def shares_prefill(model: Any, batch: PromptBatch, times: int) -> bool:

@@ -109,7 +109,10 @@ class SeededSampling(LogitsProcessor):
     """Temperature, top-p, then per-row Gumbel noise; use with greedy decoding (``do_sample=False``).
 
     Row ``i``'s noise at its ``t``-th generated token depends only on ``(seeds[i], t)``: ``t`` counts the
-    tokens generated so far (0 at the first call of a ``generate``), never the padded prompt width."""
+    tokens generated so far (0 at the first call of a ``generate``), never the padded prompt width.
+
+    It also keeps what a sampler reports: the log-prob of each sampled token under the distribution it was drawn
+    from (tempered, top-p filtered), read at the next call once the token is known (``sampled_logprobs``)."""
 
     def __init__(self, seeds: list[int], temperature: float = 1.0, top_p: float = 1.0):
         if temperature <= 0:
@@ -121,6 +124,8 @@ class SeededSampling(LogitsProcessor):
         self.top_p = top_p
         self._prompt_width: int | None = None  # padded prompt width, set on the first call of a generate
         self._seed_tensor: torch.Tensor | None = None  # the seeds on the logits' device, made once
+        self._logp: torch.Tensor | None = None  # [N, V] the last call's sampling log-probs
+        self._taken: list[torch.Tensor] = []  # [N] per generated token: the sampled token's log-prob
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if scores.shape[0] != len(self.seeds):
@@ -130,6 +135,20 @@ class SeededSampling(LogitsProcessor):
         if self._prompt_width is None:
             self._prompt_width = input_ids.shape[1]
         step = input_ids.shape[1] - self._prompt_width
+        if step:  # the token the previous call sampled is the last input now
+            self._taken.append(self._logp.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self._logp = logits.log_softmax(-1)
         if self._seed_tensor is None or self._seed_tensor.device != logits.device:
             self._seed_tensor = torch.tensor(self.seeds, dtype=torch.long, device=logits.device)
         return logits.add_(gumbel_noise(self._seed_tensor, step, logits.shape[1]))
+
+    def sampled_logprobs(self, completion: torch.Tensor) -> torch.Tensor:
+        """[N, T] log-prob of each token of ``completion`` (the ids ``generate`` returned after the prompt) under
+        the distribution it was sampled from; the last token's comes from the last call's distribution."""
+        taken = list(self._taken)
+        if self._logp is not None and len(taken) < completion.shape[1]:
+            taken.append(self._logp.gather(-1, completion[:, len(taken) : len(taken) + 1].to(self._logp.device))
+                         .squeeze(-1))
+        if len(taken) != completion.shape[1]:
+            raise ValueError(f"{len(taken)} sampled tokens recorded for a completion of {completion.shape[1]}")
+        return torch.stack(taken, dim=1) if taken else torch.zeros(completion.shape, dtype=torch.float32)

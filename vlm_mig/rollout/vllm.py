@@ -115,8 +115,9 @@ def sampling_kwargs(config: RolloutConfig, eos_ids: list[int], seeds: list[int] 
         raise ValueError(f"{len(seeds)} seeds for {n_samples} samples")
     common: dict[str, Any] = {"n": 1, "max_tokens": config.max_new_tokens, "stop_token_ids": list(eos_ids)}
     if config.temperature > 0:
-        # SPEC sampling: temperature and top_p only (vLLM's default top_k, min_p and penalties are off).
-        common.update(temperature=config.temperature, top_p=config.top_p)
+        # SPEC sampling: temperature and top_p only (vLLM's default top_k, min_p and penalties are off); logprobs=0
+        # reports the sampled token's log-prob alone.
+        common.update(temperature=config.temperature, top_p=config.top_p, logprobs=0)
     else:
         common.update(temperature=0.0)
     rows = []
@@ -139,6 +140,9 @@ def llm_kwargs(config: RolloutConfig, path: str, multimodal: bool, rank: int = 0
         "gpu_memory_utilization": config.vllm_gpu_memory_utilization,
         "max_model_len": config.vllm_max_model_len,
         "seed": rank,  # only unseeded requests draw from it; seeded ones have their own generator
+        # the log-probs a request reports are those of the distribution it samples from (after temperature and
+        # top-p), not the raw model's: what the rollout/trainer mismatch correction compares with the trainer's
+        "logprobs_mode": "processed_logprobs",
     }
     if sleep_mode:
         kw["enable_sleep_mode"] = config.vllm_sleep
@@ -149,6 +153,15 @@ def llm_kwargs(config: RolloutConfig, path: str, multimodal: bool, rank: int = 0
         kw["distributed_executor_backend"] = "external_launcher"
     kw.update(config.vllm_kwargs)
     return kw
+
+
+def sampled_logprobs(token_ids: list[int], logprobs: Any) -> list[float]:
+    """The log-prob vLLM reports for each sampled token of one completion: ``logprobs[t]`` maps token ids to
+    ``Logprob`` objects (or floats), and holds the sampled token whatever the number of top log-probs asked."""
+    if logprobs is None or len(logprobs) != len(token_ids):
+        raise ValueError(f"vLLM reported log-probs for {0 if logprobs is None else len(logprobs)} of "
+                         f"{len(token_ids)} sampled tokens (SamplingParams.logprobs must be set)")
+    return [float(getattr(logprobs[t][tok], "logprob", logprobs[t][tok])) for t, tok in enumerate(token_ids)]
 
 
 def pad_token_lists(rows: list[list[int]], pad_id: int) -> torch.Tensor:
@@ -228,9 +241,14 @@ class VLLMRolloutEngine(RolloutEngine):
             self._sleep()
         for r, out in enumerate(outputs):
             check_prompt_ids(expected[r // G], out.prompt_token_ids, samples[r // G].id, self.image_token_id)
-        completion = pad_token_lists([list(out.outputs[0].token_ids) for out in outputs], self.pad_id)
-        return assemble_rollouts(self.processor, samples, batch, completion,
-                                 self.eos_ids, self.pad_id)
+        tokens = [list(out.outputs[0].token_ids) for out in outputs]
+        completion = pad_token_lists(tokens, self.pad_id)
+        sampled = None
+        if cfg.temperature > 0:
+            sampled = torch.zeros(completion.shape, dtype=torch.float32)
+            for r, (ids, out) in enumerate(zip(tokens, outputs)):
+                sampled[r, : len(ids)] = torch.tensor(sampled_logprobs(ids, out.outputs[0].logprobs))
+        return assemble_rollouts(self.processor, samples, batch, completion, self.eos_ids, self.pad_id, sampled)
 
     @torch.no_grad()
     def _push_weights(self, model: Any) -> None:
