@@ -10,7 +10,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vlm_mig.advantages import AdvantageConfig, compute_advantages, group_normalize
-from vlm_mig.losses import Denominators, LossConfig, LossInputs, k3_kl, pg_loss, sft_gate, sft_loss, total_loss
+from vlm_mig.losses import (
+    Denominators,
+    LossConfig,
+    LossInputs,
+    high_entropy_mask,
+    k3_kl,
+    pg_loss,
+    sft_gate,
+    sft_loss,
+    total_loss,
+)
+from vlm_mig.rl.batch import RLBatch
+from vlm_mig.rollout.base import Rollouts, assemble_rollouts, completion_mask
 
 EPS = 1e-4
 NAN = float("nan")
@@ -425,16 +437,27 @@ def _loss_batch(draw):
     }
 
 
+VARIANTS = [
+    {},
+    {"mask_truncated": True},
+    {"importance_sampling": "sequence"},
+    {"type": "cispo", "cispo_eps_low": 0.5},
+    {"type": "cispo", "importance_sampling": "sequence", "top_entropy_quantile": 0.3, "mask_truncated": True},
+    {"top_entropy_quantile": 0.2},
+]
+
+
 @settings(max_examples=150, deadline=None)
-@given(_loss_batch(), st.sampled_from(["grpo", "dapo", "dr_grpo"]), st.booleans(), st.booleans())
-def test_total_loss_always_finite(x, norm, gate_proc, garbage_padding):
+@given(_loss_batch(), st.sampled_from(["grpo", "dapo", "dr_grpo"]), st.booleans(), st.booleans(),
+       st.sampled_from(VARIANTS))
+def test_total_loss_always_finite(x, norm, gate_proc, garbage_padding, variant):
     logp, old, ref = x["logp"], x["old"], x["ref"]
     if garbage_padding:  # NaN/inf where the mask is off must not matter
         logp = torch.where(x["mf"], logp, NAN)
         old = torch.where(x["mf"], old, -math.inf)
         ref = torch.where(x["mf"], ref, math.inf)
     logp = logp.clone().requires_grad_(True)
-    cfg = LossConfig(normalizer=norm, sft_gate_proc=gate_proc, eps_clip_high=0.28)
+    cfg = LossConfig(normalizer=norm, sft_gate_proc=gate_proc, eps_clip_high=0.28, **variant)
     loss, d = total_loss(
         logp,
         LossInputs(
@@ -447,6 +470,7 @@ def test_total_loss_always_finite(x, norm, gate_proc, garbage_padding):
             acc=x["acc"],
             fmt=x["fmt"],
             r_proc=x["r_proc"],
+            truncated=x["acc"] == 0,
         ),
         cfg,
         entropy=x["entropy"],
@@ -468,3 +492,202 @@ def test_group_normalize_feeds_finite_loss(rewards):
     loss, _ = pg_loss(logp, torch.zeros(4, 3), adv, torch.ones(4, 3, dtype=torch.bool))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss variants (SPEC section 5.1), each against numbers worked out by hand
+# ----------------------------------------------------------------------------------------------
+
+
+def test_variants_default_off_and_bounds():
+    cfg = LossConfig()
+    assert (cfg.mask_truncated, cfg.importance_sampling, cfg.type) == (False, "token", "ppo")
+    assert (cfg.cispo_eps_high, cfg.cispo_eps_low, cfg.top_entropy_quantile) == (4.0, None, 1.0)
+    for bad in ({"importance_sampling": "seq"}, {"type": "gspo"}, {"top_entropy_quantile": 0.0},
+                {"top_entropy_quantile": 1.5}, {"cispo_eps_high": -1.0}, {"cispo_eps_low": 2.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            LossConfig(**bad)
+
+
+def _eos_rollouts(ids: list[list[int]], eos: tuple[int, ...]) -> Rollouts:
+    t = torch.tensor(ids)
+    n = t.shape[0]
+    return Rollouts(samples=[], prompts=None, group=torch.zeros(n, dtype=torch.long),
+                    prompt_ids=torch.zeros(n, 1, dtype=torch.long), prompt_mask=torch.ones(n, 1, dtype=torch.long),
+                    completion_ids=t, completion_mask=completion_mask(t, list(eos)), texts=[""] * n, eos_ids=eos)
+
+
+def test_rollouts_truncated_flags():
+    # EOS ids 2 and 9 (pad 0): r0 stops early, r1 stops on its very last token (full width, not truncated), r2 never
+    # stops (truncated), r3 stops at once on the other EOS id.
+    r = _eos_rollouts([[5, 6, 2, 0], [5, 6, 7, 2], [5, 6, 7, 8], [9, 0, 0, 0]], (2, 9))
+    assert r.truncated.tolist() == [False, False, True, False]
+    assert _eos_rollouts([[5, 6, 7, 8]], ()).truncated.tolist() == [False]  # stop tokens unknown: given completions
+
+    class Tok:  # what assemble_rollouts needs of a processor
+        def batch_decode(self, rows, skip_special_tokens):
+            return ["x"] * len(rows)
+
+    from vlm_mig.processing import PromptBatch
+    prompts = PromptBatch(input_ids=torch.ones(1, 2, dtype=torch.long), attention_mask=torch.ones(1, 2,
+                          dtype=torch.long), sample_ids=["a"], texts=["p"])
+    got = assemble_rollouts(Tok(), [None], prompts, torch.tensor([[5, 2, 7], [5, 6, 7]]), [2], 0)
+    assert got.eos_ids == (2,) and got.truncated.tolist() == [False, True]
+
+    # RLBatch.loss_inputs carries the flags of the rows asked for
+    batch = RLBatch(rollouts=_eos_rollouts([[5, 2, 0], [5, 6, 7], [5, 6, 2]], (2,)))
+    batch.m_full = batch.m_proc = batch.rollouts.completion_mask.bool()
+    x = batch.loss_inputs([2, 1], torch.device("cpu"), torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3).bool())
+    assert x.truncated.tolist() == [False, True]
+
+
+def test_mask_truncated_by_hand():
+    # r0: 3 tokens, A = +1, not truncated; r1: 2 tokens, A = -1, truncated. ratio 1 everywhere (old = new), so each
+    # token's PPO term is -A; k3 is 0 on r0 (ref = old) and e - 2 on r1's tokens (ref - logp = 1).
+    mf = torch.tensor([[1, 1, 1], [1, 1, 0]]).bool()
+    adv = torch.tensor([1.0, -1.0])
+    trunc = torch.tensor([False, True])
+    old = torch.full((2, 3), -1.0)
+    ref = old.clone()
+    ref[1] += 1.0
+
+    def run(norm, mask_truncated, **kw):
+        logp = old.clone().requires_grad_(True)
+        cfg = LossConfig(alpha=0, gamma=0, kl_coef=0.5, normalizer=norm, mask_truncated=mask_truncated)
+        loss, d = total_loss(logp, LossInputs(mf, mf, adv, adv, old_logp=old, ref_logp=ref, truncated=trunc), cfg,
+                             **kw)
+        loss.backward()
+        return loss.item(), d, logp.grad
+
+    k3 = math.e - 2
+    # Off: dapo D = 5 tokens; PG = -(3 - 2) / 5, KL = 2 k3 / 5
+    loss, d, _ = run("dapo", False)
+    assert loss == pytest.approx(-0.2 + 0.5 * 2 * k3 / 5)
+    assert d["truncated_frac"].item() == 0.5  # logged whenever the flags are given
+    # On: r1 leaves PG and KL, and (as TRL counts num_items_in_batch after masking) dapo's D = 3
+    loss, d, grad = run("dapo", True)
+    assert loss == pytest.approx(-1.0) and d["kl"].item() == 0.0
+    assert grad[1].abs().sum().item() == 0.0 and grad[0].tolist() == pytest.approx([-1 / 3] * 3)
+    # grpo: r1 still counts in B = 2 (TRL's mean over sequences): -(1) / 2
+    assert run("grpo", True)[0] == pytest.approx(-0.5)
+    # The stage's full-batch denominators take the flags too; without them dapo's D keeps r1's 2 tokens
+    cfg = LossConfig(normalizer="dapo", mask_truncated=True)
+    assert Denominators.from_batch(mf, mf, torch.zeros(2).bool(), cfg, truncated=trunc).full == 3.0
+    assert Denominators.from_batch(mf, mf, torch.zeros(2).bool(), cfg).full == 5.0
+    assert run("dapo", True, denominators=Denominators(cot=5.0, full=5.0, sft=1.0))[0] == pytest.approx(-3 / 5)
+    with pytest.raises(ValueError, match="truncated"):
+        total_loss(old, LossInputs(mf, mf, adv, adv), LossConfig(gamma=0, mask_truncated=True))
+
+
+def test_gspo_sequence_ratio_by_hand():
+    # B = 2 rows, 2 tokens each, grpo normaliser, A = +1 per row, eps 0.2.
+    # r0: log ratios [ln 4, 0] -> s = exp(ln 4 / 2) = 2 -> clipped to 1.2: loss -1.2 per token, no gradient.
+    # r1: log ratios [2 ln 1.1, 0] -> s = 1.1, inside the clip: loss -1.1 per token; d loss / d logp_t =
+    #     -(1/B) (1/|M|) s = -1.1 / 4 on each token (with "token" ratios it would be -(1/4) [1.21, 1]).
+    old = torch.zeros(2, 2)
+    m = torch.ones(2, 2, dtype=torch.bool)
+    new = torch.tensor([[math.log(4.0), 0.0], [2 * math.log(1.1), 0.0]], requires_grad=True)
+    loss, d = pg_loss(new, old, torch.tensor([1.0, 1.0]), m, importance_sampling="sequence")
+    loss.backward()
+    assert loss.item() == pytest.approx(-(1.2 + 1.1) / 2)
+    torch.testing.assert_close(new.grad, torch.tensor([[0.0, 0.0], [-0.275, -0.275]]))
+    assert d["seq_ratio_mean"].item() == pytest.approx((2 + 1.1) / 2)
+    assert d["clip_frac"].item() == 0.5 and d["clip_frac_high"].item() == 0.5  # r0's two tokens of four
+
+    # Per-token advantages [+1, -1] on r1: each token keeps its own (GSPO-token): -(1/4) s [1, -1]
+    new.grad = None
+    pg_loss(new, old, torch.tensor([[1.0, 1.0], [1.0, -1.0]]), m, importance_sampling="sequence")[0].backward()
+    torch.testing.assert_close(new.grad[1], torch.tensor([-0.275, 0.275]))
+
+
+def test_gspo_matches_trl_for_row_advantages():
+    # TRL: log_w = (log_ratio * mask).sum(-1) / mask.sum(-1); coef_1 = exp(log_w)[:, None]; same loss and gradient
+    gen = torch.Generator().manual_seed(3)
+    b, t = 6, 7
+    old = -torch.rand(b, t, generator=gen) * 2
+    base = old + 0.3 * torch.randn(b, t, generator=gen)
+    m = torch.arange(t)[None] < torch.randint(1, t + 1, (b,), generator=gen)[:, None]
+    adv = torch.randn(b, generator=gen)
+    for norm in ("grpo", "dapo"):
+        ours = base.clone().requires_grad_(True)
+        loss, _ = pg_loss(ours, old, adv, m, importance_sampling="sequence", normalizer=norm, eps_clip=0.1)
+        loss.backward()
+        theirs = base.clone().requires_grad_(True)
+        log_ratio = torch.where(m, theirs - old, 0.0)
+        coef_1 = torch.exp(log_ratio.sum(-1) / m.sum(-1)).unsqueeze(-1)
+        per_tok = -torch.min(coef_1 * adv[:, None], coef_1.clamp(0.9, 1.1) * adv[:, None]) * m
+        ref = (per_tok.sum(-1) / m.sum(-1)).mean() if norm == "grpo" else per_tok.sum() / m.sum()
+        ref.backward()
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_gspo_each_term_over_its_own_mask():
+    # One row, log ratios [ln 2, ln 2, ln 8] over M_full, M_cot = the first two tokens:
+    # the process term's s = 2 (reasoning tokens only), the outcome term's s = exp(5 ln 2 / 3) = 2^(5/3)
+    old = torch.zeros(1, 3)
+    new = torch.tensor([[math.log(2.0), math.log(2.0), math.log(8.0)]])
+    mf = torch.ones(1, 3, dtype=torch.bool)
+    mc = torch.tensor([[True, True, False]])
+    cfg = LossConfig(gamma=0, kl_coef=0, importance_sampling="sequence")
+    _, d = total_loss(new, LossInputs(mf, mc, torch.ones(1), torch.ones(1), old_logp=old), cfg)
+    assert d["seq_ratio_mean_proc"].item() == pytest.approx(2.0)
+    assert d["seq_ratio_mean_out"].item() == pytest.approx(2 ** (5 / 3))
+    assert d["ratio_max"].item() == pytest.approx(8.0)  # the token ratios are still what ratio_* report
+
+
+def test_cispo_by_hand():
+    # One row, 3 tokens, A = +1, token ratios [2, 0.5, 1], logp = [-1 + ln 2, -1 - ln 2, -1]; grpo (1/3 each, B = 1).
+    # cispo_eps_high 0.5 -> cap 1.5, no floor: weights [1.5, 0.5, 1] (detached), loss = -(1/3) sum w * logp,
+    # gradient -(1/3) w: the ratio-2 token still learns (PPO would give it none).
+    old = torch.full((1, 3), -1.0)
+    new = (old + torch.tensor([[math.log(2.0), math.log(0.5), 0.0]])).requires_grad_(True)
+    m = torch.ones(1, 3, dtype=torch.bool)
+    loss, d = pg_loss(new, old, torch.ones(1), m, loss_type="cispo", cispo_eps_high=0.5)
+    loss.backward()
+    logp = [-1 + LN2, -1 - LN2, -1.0]
+    assert loss.item() == pytest.approx(-(1.5 * logp[0] + 0.5 * logp[1] + logp[2]) / 3)
+    torch.testing.assert_close(new.grad, torch.tensor([[-0.5, -1 / 6, -1 / 3]]))
+    assert d["clip_frac_high"].item() == pytest.approx(1 / 3) and d["clip_frac_low"].item() == 0.0
+    # a floor 1 - 0.2: weights [1.5, 0.8, 1]; a negative advantage flips the gradient, the weights stay
+    new.grad = None
+    loss, d = pg_loss(new, old, -torch.ones(1), m, loss_type="cispo", cispo_eps_high=0.5, cispo_eps_low=0.2)
+    loss.backward()
+    torch.testing.assert_close(new.grad, torch.tensor([[0.5, 0.8 / 3, 1 / 3]]))
+    assert d["clip_frac"].item() == pytest.approx(2 / 3) and d["clip_frac_low"].item() == pytest.approx(1 / 3)
+    # via the config, with GSPO: r = s = exp(mean log r) = 1 for all three tokens (ln 2 - ln 2 + 0), weight 1
+    new.grad = None
+    cfg = LossConfig(alpha=0, gamma=0, kl_coef=0, type="cispo", importance_sampling="sequence")
+    total_loss(new, LossInputs(m, m, torch.ones(1), torch.ones(1), old_logp=old), cfg)[0].backward()
+    torch.testing.assert_close(new.grad, torch.full((1, 3), -1 / 3))
+
+
+def test_top_entropy_quantile_by_hand():
+    # Masked entropies: r0 [0.1, 0.5, 0.9], r1 [0.05, 0.1, 0.15, 0.2]. q = 0.25 keeps entropy >= the 0.75 quantile of
+    # all 7 (TRL: one threshold over the batch): sorted [.05 .1 .1 .15 .2 .5 .9], position 6 * 0.75 = 4.5 -> 0.35.
+    # Kept: r0's 0.5 and 0.9, nothing of r1 (a per-sequence quantile would keep r1's 0.2).
+    P_ = float("nan")
+    ent = torch.tensor([[0.1, 0.5, 0.9, P_], [0.05, 0.1, 0.15, 0.2]])
+    mf = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]).bool()
+    mc = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]]).bool()
+    keep = high_entropy_mask(ent, mf, 0.25)
+    assert keep.tolist() == [[False, True, True, False], [False] * 4]
+    # Loss (grpo, ratio 1, A = [+1, -1], outcome term only): r0 -(1 + 1) / 3, r1 0; B = 2 -> -1/3.
+    old = torch.full((2, 4), -1.0)
+    logp = old.clone().requires_grad_(True)
+    cfg = LossConfig(gamma=0, kl_coef=0, top_entropy_quantile=0.25)
+    adv = torch.tensor([1.0, -1.0])
+    loss, d = total_loss(logp, LossInputs(mf, mc, adv, torch.zeros(2), old_logp=old), cfg, entropy=ent)
+    loss.backward()
+    assert d["pg_out"].item() == pytest.approx(-1 / 3)
+    torch.testing.assert_close(logp.grad, torch.tensor([[0, -1 / 6, -1 / 6, 0], [0.0] * 4]))
+    # the selection is over M_full, then intersected with M_cot: of M_cot's 5 tokens only r0's 0.5 is kept
+    assert d["entropy_kept_frac_out"].item() == pytest.approx(2 / 7)
+    assert d["entropy_kept_frac_proc"].item() == pytest.approx(1 / 5)
+    # With mask_truncated, r1 (truncated) is not among the candidates: r0 alone, 0.75 quantile of [.1 .5 .9] = 0.7
+    cfg = LossConfig(gamma=0, kl_coef=0, top_entropy_quantile=0.25, mask_truncated=True)
+    _, d = total_loss(logp, LossInputs(mf, mc, adv, adv, old_logp=old, truncated=torch.tensor([False, True])), cfg,
+                      entropy=ent)
+    assert d["entropy_kept_frac_out"].item() == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="entropy"):
+        total_loss(logp, LossInputs(mf, mc, adv, adv, old_logp=old), LossConfig(gamma=0, top_entropy_quantile=0.5))

@@ -22,6 +22,18 @@ exactly 0 with a valid (all-zero) gradient. ``sft_gates: format`` or ``accuracy`
 
 The GRPO baseline is this same code with ``alpha = 0`` and ``gamma = 0``.
 
+Variants (SPEC section 5.1; each off by default):
+  * ``mask_truncated``: rows whose completion hit ``max_new_tokens`` without an EOS leave the masks of both PG terms
+    and of KL (TRL ``mask_truncated_completions``, DAPO's overlong filtering), and the ``D`` computed from them;
+  * ``importance_sampling: sequence`` (GSPO): ``r_it = s_i = exp(mean_{t in M_i} (log pi_theta - log pi_old))`` for
+    every token of row i, each term's ``s_i`` over that term's own mask; the gradient of token t is ``s_i grad
+    log pi_theta(z_it)`` (GSPO-token, equal to GSPO's and TRL's when ``A`` is constant along the row);
+  * ``type: cispo`` (MiniMax-M1): per token ``- sg(clip(r_it, 1 - eps_lo, 1 + eps_hi)) * A_it * log pi_theta(z_it)``
+    in place of the PPO surrogate, with the same ``w_i`` and ``D``;
+  * ``top_entropy_quantile = q < 1`` (Wang et al. 2025, TRL): only the tokens whose entropy is at or above the
+    ``1 - q`` quantile of the entropies over ``M_full`` of the rows given (one micro-batch) get policy gradient in
+    either term; ``w_i`` and ``D`` stay those of the unselected masks.
+
 Every function takes tensors and returns tensors; the trainer stays the only stateful piece. All
 arithmetic is fp32 whatever the input dtype, and masked-out positions are replaced (not multiplied)
 by zeros before any ``exp``, so padding with garbage log-probs can produce neither NaN nor inf.
@@ -37,12 +49,16 @@ import torch
 from vlm_mig.fields import bounded, check_fields, choice
 
 __all__ = [
+    "IMPORTANCE_SAMPLING",
     "LOG_RATIO_CLAMP",
+    "LOSS_TYPES",
     "NORMALIZERS",
     "SFT_GATES",
     "Denominators",
     "LossConfig",
     "LossInputs",
+    "drop_rows",
+    "high_entropy_mask",
     "k3_kl",
     "masked_mean",
     "pg_loss",
@@ -54,6 +70,10 @@ __all__ = [
 NORMALIZERS = ("grpo", "dapo", "dr_grpo")
 #: Which of the structural (format) and factual (accuracy) SFT gates a rollout must pass.
 SFT_GATES = ("both", "format", "accuracy")
+#: The ratio of a token: its own ("token", PPO/GRPO) or its sequence's geometric mean over the term's mask (GSPO).
+IMPORTANCE_SAMPLING = ("token", "sequence")
+#: The policy-gradient surrogate: PPO's clipped ratio, or CISPO's clipped stop-gradient weight on log pi_theta.
+LOSS_TYPES = ("ppo", "cispo")
 #: |log r| is clamped here before exp (as verl does): exp(20) ~ 5e8 keeps fp32 finite for any input.
 LOG_RATIO_CLAMP = 20.0
 
@@ -73,6 +93,13 @@ class LossConfig:
     max_completion_length: int | None = bounded(None, ge=1)  #: the constant L of "dr_grpo"; None: the batch width T
     sft_gate_proc: bool = False  #: third SFT gate R_proc > 0 (drops correct answers no step led to)
     sft_gates: str = choice("both", SFT_GATES)  #: "both" (format and accuracy, SPEC) | one of them (ablations)
+    mask_truncated: bool = False  #: rows that hit max_new_tokens (no EOS) get no PG or KL loss (TRL, DAPO)
+    #: "token" (PPO/GRPO ratio per token) | "sequence" (GSPO: one ratio per row and term, clipped per row)
+    importance_sampling: str = choice("token", IMPORTANCE_SAMPLING)
+    type: str = choice("ppo", LOSS_TYPES)  #: "ppo" (clipped surrogate) | "cispo" (sg(clipped ratio) * A * log pi)
+    cispo_eps_high: float = bounded(4.0, ge=0)  #: CISPO weight cap 1 + this (4: TRL's recommended cap 5, ScaleRL)
+    cispo_eps_low: float | None = bounded(None, ge=0, le=1)  #: CISPO weight floor 1 - this; None: no floor (TRL)
+    top_entropy_quantile: float = bounded(1.0, gt=0, le=1)  #: PG only on the top-q entropy tokens of the rows; 1: all
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -120,15 +147,38 @@ class Denominators:
     @classmethod
     def from_batch(
         cls, m_cot: torch.Tensor, m_full: torch.Tensor, gate: torch.Tensor, cfg: LossConfig,
-        total: Callable[[list[float]], list[float]] | None = None,
+        total: Callable[[list[float]], list[float]] | None = None, truncated: torch.Tensor | None = None,
     ) -> Denominators:
         """Denominators of the batch ``(m_cot, m_full, gate)`` under ``cfg``. When the batch is split over
         processes, ``total`` sums each process's raw values (before the gated count is clamped to 1), so every
-        process divides by the global batch's."""
+        process divides by the global batch's. With ``cfg.mask_truncated``, the rows flagged in ``truncated`` ([B]
+        bool) leave both masks first, as TRL zeroes their completion mask before counting its token denominator:
+        only "dapo"'s ``D`` changes (a row still counts in "grpo"'s B and "dr_grpo"'s B * L)."""
+        if cfg.mask_truncated and truncated is not None:
+            m_cot, m_full = drop_rows(m_cot, truncated), drop_rows(m_full, truncated)
         raw = [cls.of(m_cot, cfg.normalizer, cfg.max_completion_length),
                cls.of(m_full, cfg.normalizer, cfg.max_completion_length), float(gate.bool().sum())]
         cot, full, gated = raw if total is None else total(raw)
         return cls(cot=cot, full=full, sft=max(gated, 1.0))
+
+
+def drop_rows(mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``mask`` [B, T] as bool with the rows flagged in ``rows`` ([B] bool) all False."""
+    return mask.bool() & ~rows.bool().to(mask.device).unsqueeze(-1)
+
+
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+    """Bool [B, T]: the tokens of ``mask`` whose ``entropy`` is at or above the ``1 - quantile`` quantile (linear
+    interpolation, ``torch.quantile``) of the entropies of all the masked tokens given, i.e. the top ``quantile``
+    share of them; TRL's ``get_high_entropy_mask`` (one threshold for the batch, not one per sequence). No masked
+    token gives all False."""
+    m = mask.bool()
+    ent = entropy.detach().float()
+    values = ent[m]
+    if values.numel() == 0:
+        return torch.zeros_like(m)
+    threshold = torch.quantile(values, 1.0 - quantile)
+    return (ent >= threshold) & m
 
 
 def _clamped_log_ratio(logp: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -149,17 +199,37 @@ def pg_loss(
     normalizer: str = LossConfig.normalizer,
     denom: float | None = None,
     max_completion_length: int | None = None,
+    importance_sampling: str = LossConfig.importance_sampling,
+    loss_type: str = LossConfig.type,
+    cispo_eps_high: float = LossConfig.cispo_eps_high,
+    cispo_eps_low: float | None = None,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy-gradient term ``PG(A, M)`` (formula in the module docstring).
 
     ``logp``, ``old_logp``, ``mask``: [B, T]; ``advantages``: [B, T] per token, or [B] per sequence
     (broadcast over the tokens). ``denom`` overrides ``D`` (use ``Denominators`` for micro-batches).
+
+    ``importance_sampling="sequence"`` (GSPO) gives every token of row i the ratio ``s_i = exp(mean over
+    M_i of (logp - old_logp))`` with the gradient ``s_i * grad logp_it`` (the paper's GSPO-token form
+    ``sg(s_i) * pi/sg(pi)``: for a row-constant advantage its loss, clipping and gradient equal GSPO's and TRL's
+    ``exp((log_ratio * mask).sum(-1) / mask.sum(-1))``; with per-token advantages each token keeps its own).
+    ``loss_type="cispo"`` makes the per-token term ``- sg(clip(r, 1 - cispo_eps_low, 1 + cispo_eps_high)) * A *
+    logp`` (no floor when ``cispo_eps_low`` is None). ``keep`` [B, T] bool: only these tokens of ``mask`` get the
+    policy gradient (``high_entropy_mask``); ``w_i`` and ``D`` stay those of ``mask``.
+
     Returns the loss and detached diagnostics: ``clip_frac`` (masked tokens where the clipped branch
     is the active one: ``r < 1 - eps`` with ``A < 0``, or ``r > 1 + eps_high`` with ``A > 0``, i.e.
-    where the token gets no gradient), ``clip_frac_low``, ``clip_frac_high``.
+    where the token gets no gradient; for CISPO, tokens whose weight was clipped, whatever the sign of ``A``),
+    ``clip_frac_low``, ``clip_frac_high``; with "sequence", ``seq_ratio_mean`` (mean ``s_i`` over the rows with a
+    masked token); with ``keep``, ``entropy_kept_frac`` (share of the masked tokens kept).
     """
     if normalizer not in NORMALIZERS:
         raise ValueError(f"loss normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
+    if importance_sampling not in IMPORTANCE_SAMPLING:
+        raise ValueError(f"importance_sampling must be one of {IMPORTANCE_SAMPLING}, got {importance_sampling!r}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if logp.shape != old_logp.shape or logp.shape != mask.shape:
         raise ValueError(
             f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)}, mask {tuple(mask.shape)}"
@@ -172,22 +242,45 @@ def pg_loss(
         raise ValueError(f"advantages {tuple(advantages.shape)} do not match logp {tuple(logp.shape)}")
     adv = torch.where(m, adv, 0.0)
     hi = eps_clip if eps_clip_high is None else eps_clip_high
-    ratio = torch.exp(_clamped_log_ratio(logp, old_logp, m))
-    surr1 = ratio * adv
-    surr2 = ratio.clamp(1.0 - eps_clip, 1.0 + hi) * adv
-    per_tok = -torch.minimum(surr1, surr2)
+    log_ratio = _clamped_log_ratio(logp, old_logp, m)
+    diag: dict[str, torch.Tensor] = {}
+    if importance_sampling == "sequence":
+        rows = m.any(-1)
+        log_s = log_ratio.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)  # [B, 1]
+        log_ratio = torch.where(m, log_s.detach() + log_ratio - log_ratio.detach(), 0.0)  # value s_i, grad per token
+        with torch.no_grad():
+            s = log_s.squeeze(-1).exp()
+            diag["seq_ratio_mean"] = torch.where(rows, s, 0.0).sum() / rows.sum().clamp(min=1)
+    ratio = torch.exp(log_ratio)
+    if loss_type == "cispo":
+        lo_c = None if cispo_eps_low is None else 1.0 - cispo_eps_low
+        weight = ratio.detach().clamp(min=lo_c, max=1.0 + cispo_eps_high)
+        per_tok = -weight * adv * torch.where(m, logp.float(), 0.0)
+    else:
+        surr1 = ratio * adv
+        surr2 = ratio.clamp(1.0 - eps_clip, 1.0 + hi) * adv
+        per_tok = -torch.minimum(surr1, surr2)
+    if keep is not None:
+        per_tok = torch.where(keep.bool() & m, per_tok, 0.0)
     w = _token_weights(m, normalizer)
     d = denom if denom is not None else Denominators.of(m, normalizer, max_completion_length)
     loss = (per_tok * w).sum() / d
     with torch.no_grad():
-        low = (ratio < 1.0 - eps_clip) & (adv < 0) & m
-        high = (ratio > 1.0 + hi) & (adv > 0) & m
+        r = ratio.detach()
+        if loss_type == "cispo":
+            low = (r < lo_c) & m if lo_c is not None else torch.zeros_like(m)
+            high = (r > 1.0 + cispo_eps_high) & m
+        else:
+            low = (r < 1.0 - eps_clip) & (adv < 0) & m
+            high = (r > 1.0 + hi) & (adv > 0) & m
         n = m.sum().clamp(min=1)
-        diag = {
+        diag.update({
             "clip_frac": (low | high).sum() / n,
             "clip_frac_low": low.sum() / n,
             "clip_frac_high": high.sum() / n,
-        }
+        })
+        if keep is not None:
+            diag["entropy_kept_frac"] = (keep.bool() & m).sum() / n
     return loss, diag
 
 
@@ -250,6 +343,7 @@ class LossInputs:
     fmt: torch.Tensor | None = None  #: [B] format
     r_proc: torch.Tensor | None = None  #: [B] R_proc (the third SFT gate)
     gate: torch.Tensor | None = None  #: [B] bool, the SFT gate already computed (``sft_gate``) for these rows
+    truncated: torch.Tensor | None = None  #: [B] bool, the completion hit max_new_tokens with no EOS
 
 
 def total_loss(
@@ -265,15 +359,24 @@ def total_loss(
     ``logp`` [B, T] log pi_theta of the completion tokens (carries the gradient); ``inputs``: the masks,
     advantages and the rest (``LossInputs``: ``old_logp`` None means ``logp.detach()``, i.e. ``num_iterations
     = 1``; ``ref_logp`` is needed when ``kl_coef > 0``; ``gate``, or ``acc`` and ``fmt`` (and ``r_proc`` for the
-    third gate), when ``gamma > 0``); ``entropy`` [B, T] per-token policy entropy, only logged.
-    ``denominators``: full-batch ``Denominators`` when this is one micro-batch of several.
+    third gate), when ``gamma > 0``; ``truncated`` when ``mask_truncated``); ``entropy`` [B, T] per-token policy
+    entropy: logged, and needed when ``top_entropy_quantile < 1``. ``denominators``: full-batch ``Denominators`` when
+    this is one micro-batch of several (built with ``truncated`` under ``mask_truncated``, else "dapo"'s ``D`` still
+    counts the truncated rows' tokens).
+
+    ``mask_truncated``: truncated rows leave M_cot and M_full in both PG terms and KL (their rows of the per-token
+    terms are 0; as TRL, which zeroes their completion mask); the SFT term keeps its own gates. The entropy selection
+    (``top_entropy_quantile``) is made once over M_full (after ``mask_truncated``) of the rows given, then intersected
+    with each term's mask: a token is a high-entropy "forking" token or not whatever term it is in, so the process
+    term keeps the forking tokens of the reasoning (the share kept of M_cot is logged, and need not be q).
 
     Terms with weight 0 are not computed (their diagnostics are absent), so the GRPO baseline
     (``alpha = gamma = 0``) costs nothing extra. Diagnostics are detached 0-dim tensors (call
     ``.item()`` when logging, once per step): ``loss``, ``pg_proc``, ``pg_out``, ``kl``, ``sft``
     (each unweighted), ``clip_frac_proc``, ``clip_frac_out`` (and ``_low``/``_high``), ``ratio_mean``,
     ``ratio_min``, ``ratio_max`` (over M_full), ``kl_mean`` (token mean of k3 over M_full),
-    ``sft_gate_rate``, ``sft_gated``, ``entropy``.
+    ``sft_gate_rate``, ``sft_gated``, ``entropy``; ``truncated_frac`` (rows flagged truncated, when given),
+    ``seq_ratio_mean_proc``/``_out`` (GSPO), ``entropy_kept_frac_proc``/``_out`` (``top_entropy_quantile < 1``).
     """
     cfg = cfg or LossConfig()
     x = inputs
@@ -292,7 +395,21 @@ def total_loss(
         raise ValueError("gamma > 0 needs the SFT gate, or acc and fmt to compute it")
     if gate is None:
         gate = torch.zeros(b, dtype=torch.bool, device=logp.device)
-    den = denominators or Denominators.from_batch(mc, mf, gate, cfg)
+    truncated = None if x.truncated is None else x.truncated.bool().to(logp.device)
+    if cfg.mask_truncated and truncated is None:
+        raise ValueError("loss.mask_truncated needs the rows' truncated flags (LossInputs.truncated)")
+    den = denominators or Denominators.from_batch(mc, mf, gate, cfg, truncated=truncated)
+    if cfg.mask_truncated:  # the masks of the PG terms and KL; the SFT term keeps mf
+        mc_pg, mf_pg = drop_rows(mc, truncated), drop_rows(mf, truncated)
+    else:
+        mc_pg, mf_pg = mc, mf
+    keep = None
+    if cfg.top_entropy_quantile < 1.0:
+        if entropy is None:
+            raise ValueError("loss.top_entropy_quantile < 1 needs the per-token entropy (total_loss(entropy=...))")
+        if entropy.shape != logp.shape:
+            raise ValueError(f"entropy {tuple(entropy.shape)} does not match logp {tuple(logp.shape)}")
+        keep = high_entropy_mask(entropy, mf_pg, cfg.top_entropy_quantile)
 
     def pg(adv: torch.Tensor, mask: torch.Tensor, d: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return pg_loss(
@@ -304,6 +421,11 @@ def total_loss(
             eps_clip_high=cfg.eps_clip_high,
             normalizer=cfg.normalizer,
             denom=d,
+            importance_sampling=cfg.importance_sampling,
+            loss_type=cfg.type,
+            cispo_eps_high=cfg.cispo_eps_high,
+            cispo_eps_low=cfg.cispo_eps_low,
+            keep=keep,
         )
 
     # Start from 0 * sum(logp) rather than a constant: the result is always attached to logp, so
@@ -311,23 +433,23 @@ def total_loss(
     total = 0.0 * torch.where(mf, logp.float(), 0.0).sum()
     diag: dict[str, torch.Tensor] = {}
     if cfg.alpha != 0:
-        l_proc, d_proc = pg(adv_proc, mc, den.cot)
+        l_proc, d_proc = pg(adv_proc, mc_pg, den.cot)
         total = total + cfg.alpha * l_proc
         diag["pg_proc"] = l_proc.detach()
         diag.update({f"{k}_proc": v for k, v in d_proc.items()})
     if cfg.beta != 0:
-        l_out, d_out = pg(adv_out, mf, den.full)
+        l_out, d_out = pg(adv_out, mf_pg, den.full)
         total = total + cfg.beta * l_out
         diag["pg_out"] = l_out.detach()
         diag.update({f"{k}_out": v for k, v in d_out.items()})
     if cfg.kl_coef != 0:
         if ref_logp is None:
             raise ValueError("kl_coef > 0 needs ref_logp (or set kl_coef = 0 to drop the reference model)")
-        kl_tok = k3_kl(logp, ref_logp, mf)
-        kl = (kl_tok * _token_weights(mf, cfg.normalizer)).sum() / den.full
+        kl_tok = k3_kl(logp, ref_logp, mf_pg)
+        kl = (kl_tok * _token_weights(mf_pg, cfg.normalizer)).sum() / den.full
         total = total + cfg.kl_coef * kl
         diag["kl"] = kl.detach()
-        diag["kl_mean"] = masked_mean(kl_tok.detach(), mf)
+        diag["kl_mean"] = masked_mean(kl_tok.detach(), mf_pg)
     if cfg.gamma != 0:
         l_sft = sft_loss(logp, mf, gate, denom=den.sft)
         total = total + cfg.gamma * l_sft
@@ -348,4 +470,6 @@ def total_loss(
         diag["sft_gate_rate"] = gate.float().mean() if b else ratio.new_tensor(0.0)
         if entropy is not None:
             diag["entropy"] = masked_mean(entropy.detach(), mf)
+        if truncated is not None:
+            diag["truncated_frac"] = truncated.float().mean() if b else ratio.new_tensor(0.0)
     return total, diag

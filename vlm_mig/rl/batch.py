@@ -77,7 +77,8 @@ class RLBatch:
     def loss_inputs(self, rows: list[int], device: torch.device, adv_out: torch.Tensor, adv_proc: torch.Tensor,
                     gate: torch.Tensor) -> LossInputs:
         """Rows ``rows`` as ``total_loss`` takes them, on ``device``: the masks, the given token advantages of those
-        rows, the old and reference log-probs, and the SFT ``gate`` of the whole batch (sliced here)."""
+        rows, the old and reference log-probs, the SFT ``gate`` of the whole batch (sliced here), and which rows were
+        truncated (``Rollouts.truncated``)."""
         idx = torch.tensor(rows, dtype=torch.long)
 
         def on(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -85,4 +86,5 @@ class RLBatch:
 
         return LossInputs(m_full=on(self.m_full), m_cot=on(self.m_proc), adv_out=adv_out.to(device),
                           adv_proc=adv_proc.to(device), old_logp=on(self.old_logp), ref_logp=on(self.ref_logp),
-                          acc=on(self.acc), fmt=on(self.fmt), r_proc=on(self.r_proc), gate=on(gate))
+                          acc=on(self.acc), fmt=on(self.fmt), r_proc=on(self.r_proc), gate=on(gate),
+                          truncated=on(self.rollouts.truncated))
