@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -448,8 +449,9 @@ VARIANTS = [
 
 
 @settings(max_examples=150, deadline=None)
-@given(_loss_batch(), st.sampled_from(["grpo", "dapo", "dr_grpo"]), st.booleans(), st.booleans(),
-       st.sampled_from(VARIANTS))
+@given(
+    _loss_batch(), st.sampled_from(["grpo", "dapo", "dr_grpo"]), st.booleans(), st.booleans(), st.sampled_from(VARIANTS)
+)
 def test_total_loss_always_finite(x, norm, gate_proc, garbage_padding, variant):
     logp, old, ref = x["logp"], x["old"], x["ref"]
     if garbage_padding:  # NaN/inf where the mask is off must not matter
@@ -503,8 +505,14 @@ def test_variants_default_off_and_bounds():
     cfg = LossConfig()
     assert (cfg.mask_truncated, cfg.importance_sampling, cfg.type) == (False, "token", "ppo")
     assert (cfg.cispo_eps_high, cfg.cispo_eps_low, cfg.top_entropy_quantile) == (4.0, None, 1.0)
-    for bad in ({"importance_sampling": "seq"}, {"type": "gspo"}, {"top_entropy_quantile": 0.0},
-                {"top_entropy_quantile": 1.5}, {"cispo_eps_high": -1.0}, {"cispo_eps_low": 2.0}):
+    for bad in (
+        {"importance_sampling": "seq"},
+        {"type": "gspo"},
+        {"top_entropy_quantile": 0.0},
+        {"top_entropy_quantile": 1.5},
+        {"cispo_eps_high": -1.0},
+        {"cispo_eps_low": 2.0},
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             LossConfig(**bad)
 
@@ -512,9 +520,17 @@ def test_variants_default_off_and_bounds():
 def _eos_rollouts(ids: list[list[int]], eos: tuple[int, ...]) -> Rollouts:
     t = torch.tensor(ids)
     n = t.shape[0]
-    return Rollouts(samples=[], prompts=None, group=torch.zeros(n, dtype=torch.long),
-                    prompt_ids=torch.zeros(n, 1, dtype=torch.long), prompt_mask=torch.ones(n, 1, dtype=torch.long),
-                    completion_ids=t, completion_mask=completion_mask(t, list(eos)), texts=[""] * n, eos_ids=eos)
+    return Rollouts(
+        samples=[],
+        prompts=None,
+        group=torch.zeros(n, dtype=torch.long),
+        prompt_ids=torch.zeros(n, 1, dtype=torch.long),
+        prompt_mask=torch.ones(n, 1, dtype=torch.long),
+        completion_ids=t,
+        completion_mask=completion_mask(t, list(eos)),
+        texts=[""] * n,
+        eos_ids=eos,
+    )
 
 
 def test_rollouts_truncated_flags():
@@ -529,8 +545,13 @@ def test_rollouts_truncated_flags():
             return ["x"] * len(rows)
 
     from vlm_mig.processing import PromptBatch
-    prompts = PromptBatch(input_ids=torch.ones(1, 2, dtype=torch.long), attention_mask=torch.ones(1, 2,
-                          dtype=torch.long), sample_ids=["a"], texts=["p"])
+
+    prompts = PromptBatch(
+        input_ids=torch.ones(1, 2, dtype=torch.long),
+        attention_mask=torch.ones(1, 2, dtype=torch.long),
+        sample_ids=["a"],
+        texts=["p"],
+    )
     got = assemble_rollouts(Tok(), [None], prompts, torch.tensor([[5, 2, 7], [5, 6, 7]]), [2], 0)
     assert got.eos_ids == (2,) and got.truncated.tolist() == [False, True]
 
@@ -554,8 +575,7 @@ def test_mask_truncated_by_hand():
     def run(norm, mask_truncated, **kw):
         logp = old.clone().requires_grad_(True)
         cfg = LossConfig(alpha=0, gamma=0, kl_coef=0.5, normalizer=norm, mask_truncated=mask_truncated)
-        loss, d = total_loss(logp, LossInputs(mf, mf, adv, adv, old_logp=old, ref_logp=ref, truncated=trunc), cfg,
-                             **kw)
+        loss, d = total_loss(logp, LossInputs(mf, mf, adv, adv, old_logp=old, ref_logp=ref, truncated=trunc), cfg, **kw)
         loss.backward()
         return loss.item(), d, logp.grad
 
@@ -686,8 +706,56 @@ def test_top_entropy_quantile_by_hand():
     assert d["entropy_kept_frac_proc"].item() == pytest.approx(1 / 5)
     # With mask_truncated, r1 (truncated) is not among the candidates: r0 alone, 0.75 quantile of [.1 .5 .9] = 0.7
     cfg = LossConfig(gamma=0, kl_coef=0, top_entropy_quantile=0.25, mask_truncated=True)
-    _, d = total_loss(logp, LossInputs(mf, mc, adv, adv, old_logp=old, truncated=torch.tensor([False, True])), cfg,
-                      entropy=ent)
+    _, d = total_loss(
+        logp, LossInputs(mf, mc, adv, adv, old_logp=old, truncated=torch.tensor([False, True])), cfg, entropy=ent
+    )
     assert d["entropy_kept_frac_out"].item() == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="entropy"):
         total_loss(logp, LossInputs(mf, mc, adv, adv, old_logp=old), LossConfig(gamma=0, top_entropy_quantile=0.5))
+
+
+def test_rollout_correction_weights_and_mismatch_by_hand():
+    from vlm_mig.losses import rollout_correction
+
+    old = torch.tensor([[-1.0, -2.0, -1.0, -7.0]])
+    sampler = torch.tensor([[-1.5, -0.5, -1.0, 0.0]])
+    mask = torch.tensor([[True, True, True, False]])  # d = 0.5, -1.5, 0 on the mask
+    e = math.exp
+    none, diag = rollout_correction(old, sampler, mask, "none", 1.5)
+    assert none is None
+    assert diag["rollout_logp_diff"].item() == pytest.approx(2.0 / 3)
+    assert diag["rollout_kl"].item() == pytest.approx(((e(0.5) - 1.5) + (e(-1.5) + 0.5)) / 3)
+    w, d = rollout_correction(old, sampler, mask, "token_truncate", 1.5)
+    assert w.tolist()[0] == pytest.approx([1.5, e(-1.5), 1.0, 0.0]) and d[
+        "rollout_capped_frac"
+    ].item() == pytest.approx(1 / 3)
+    w, _ = rollout_correction(old, sampler, mask, "token_mask", 1.5)
+    assert w.tolist()[0] == pytest.approx([0.0, e(-1.5), 1.0, 0.0])
+    w, d = rollout_correction(old, sampler, mask, "sequence_truncate", 1.5)  # one weight per row: exp(-1)
+    assert w.tolist()[0] == pytest.approx([e(-1.0)] * 3 + [0.0]) and d["rollout_capped_frac"].item() == 0.0
+    w, d = rollout_correction(-old, sampler, mask, "sequence_mask", 1.5)  # exp(4 + 2 + 1): over the cap, dropped
+    assert w.abs().sum().item() == 0.0 and d["rollout_capped_frac"].item() == 1.0
+
+
+def test_rollout_correction_weighs_the_policy_gradient_only():
+    logp = torch.tensor([[-1.0, -2.0, -1.0]], requires_grad=True)
+    sampler = torch.tensor([[-1.5, -0.5, -1.0]])
+    m = torch.ones(1, 3, dtype=torch.bool)
+    ref = torch.tensor([[-1.2, -2.0, -0.9]])
+    cfg = LossConfig(alpha=0, gamma=0, kl_coef=0.5, rollout_correction="token_truncate", rollout_correction_cap=1.5)
+    inputs = LossInputs(m, m, torch.ones(1), torch.zeros(1), ref_logp=ref, sampler_logp=sampler)
+    loss, d = total_loss(logp, inputs, cfg)
+    plain, _ = total_loss(
+        logp,
+        LossInputs(m, m, torch.ones(1), torch.zeros(1), ref_logp=ref),
+        dataclasses.replace(cfg, rollout_correction="none"),
+    )
+    # ratio 1 (num_iterations 1): PG = -mean(w * A) = -(1.5 + e^-1.5 + 1) / 3; KL is not weighted
+    assert (loss - plain).item() == pytest.approx(-(1.5 + math.exp(-1.5) + 1) / 3 + 1.0)
+    assert d["rollout_capped_frac"].item() == pytest.approx(1 / 3)
+    loss.backward()
+    assert torch.isfinite(logp.grad).all()
+    with pytest.raises(ValueError, match="sampler's log-probs"):
+        total_loss(logp, LossInputs(m, m, torch.ones(1), torch.zeros(1), ref_logp=ref), cfg)
+    with pytest.raises(ValueError, match="rollout_correction"):
+        LossConfig(rollout_correction="token")

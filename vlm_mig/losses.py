@@ -52,6 +52,7 @@ __all__ = [
     "IMPORTANCE_SAMPLING",
     "LOG_RATIO_CLAMP",
     "LOSS_TYPES",
+    "ROLLOUT_CORRECTIONS",
     "NORMALIZERS",
     "SFT_GATES",
     "Denominators",
@@ -62,6 +63,7 @@ __all__ = [
     "k3_kl",
     "masked_mean",
     "pg_loss",
+    "rollout_correction",
     "sft_gate",
     "sft_loss",
     "total_loss",
@@ -74,6 +76,9 @@ SFT_GATES = ("both", "format", "accuracy")
 IMPORTANCE_SAMPLING = ("token", "sequence")
 #: The policy-gradient surrogate: PPO's clipped ratio, or CISPO's clipped stop-gradient weight on log pi_theta.
 LOSS_TYPES = ("ppo", "cispo")
+#: How the update corrects for rollouts sampled by another engine than the trainer's pass (vLLM): importance weights
+#: pi_old / pi_sampler per token or per sequence, capped ("truncate") or dropped above the cap ("mask").
+ROLLOUT_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 #: |log r| is clamped here before exp (as verl does): exp(20) ~ 5e8 keeps fp32 finite for any input.
 LOG_RATIO_CLAMP = 20.0
 
@@ -100,6 +105,10 @@ class LossConfig:
     cispo_eps_high: float = bounded(4.0, ge=0)  #: CISPO weight cap 1 + this (4: TRL's recommended cap 5, ScaleRL)
     cispo_eps_low: float | None = bounded(None, ge=0, le=1)  #: CISPO weight floor 1 - this; None: no floor (TRL)
     top_entropy_quantile: float = bounded(1.0, gt=0, le=1)  #: PG only on the top-q entropy tokens of the rows; 1: all
+    #: PG weighted by pi_old / pi_sampler of each token ("token_*") or row ("sequence_*"), capped or masked above
+    #: the cap: corrects rollouts from another sampler (vLLM); "none" leaves the update as it is
+    rollout_correction: str = choice("none", ROLLOUT_CORRECTIONS)
+    rollout_correction_cap: float = bounded(3.0, gt=1)  #: the cap C of the weights (TRL's clip_max default, 3)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -204,6 +213,7 @@ def pg_loss(
     cispo_eps_high: float = LossConfig.cispo_eps_high,
     cispo_eps_low: float | None = None,
     keep: torch.Tensor | None = None,
+    rollout_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy-gradient term ``PG(A, M)`` (formula in the module docstring).
 
@@ -216,7 +226,8 @@ def pg_loss(
     ``exp((log_ratio * mask).sum(-1) / mask.sum(-1))``; with per-token advantages each token keeps its own).
     ``loss_type="cispo"`` makes the per-token term ``- sg(clip(r, 1 - cispo_eps_low, 1 + cispo_eps_high)) * A *
     logp`` (no floor when ``cispo_eps_low`` is None). ``keep`` [B, T] bool: only these tokens of ``mask`` get the
-    policy gradient (``high_entropy_mask``); ``w_i`` and ``D`` stay those of ``mask``.
+    policy gradient (``high_entropy_mask``); ``w_i`` and ``D`` stay those of ``mask``. ``rollout_weight`` [B, T]
+    (``rollout_correction``, no gradient) multiplies each token's term.
 
     Returns the loss and detached diagnostics: ``clip_frac`` (masked tokens where the clipped branch
     is the active one: ``r < 1 - eps`` with ``A < 0``, or ``r > 1 + eps_high`` with ``A > 0``, i.e.
@@ -262,6 +273,8 @@ def pg_loss(
         per_tok = -torch.minimum(surr1, surr2)
     if keep is not None:
         per_tok = torch.where(keep.bool() & m, per_tok, 0.0)
+    if rollout_weight is not None:
+        per_tok = per_tok * rollout_weight.detach().float()
     w = _token_weights(m, normalizer)
     d = denom if denom is not None else Denominators.of(m, normalizer, max_completion_length)
     loss = (per_tok * w).sum() / d
@@ -282,6 +295,40 @@ def pg_loss(
         if keep is not None:
             diag["entropy_kept_frac"] = (keep.bool() & m).sum() / n
     return loss, diag
+
+
+def rollout_correction(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
+                       mode: str = LossConfig.rollout_correction,
+                       cap: float = LossConfig.rollout_correction_cap) -> tuple[torch.Tensor | None, dict]:
+    """Importance weights of rollouts another engine sampled, and how far its distribution is from the trainer's.
+
+    ``d_t = log pi_old(z_t) - log pi_sampler(z_t)`` on ``mask`` ([B, T], both at the rollout temperature). Token
+    modes weigh each token by ``exp(d_t)``, sequence modes every token of row i by ``exp(sum_t d_t)``; "truncate"
+    caps the weight at ``cap``, "mask" sets it to 0 above ``cap`` (TRL's ``vllm_importance_sampling_mode``,
+    from "Your efficient RL framework secretly brings you off-policy RL training", Yao et al. 2025). Returns the
+    weights ([B, T], detached; None for "none") and diagnostics that hold whatever the mode:
+    ``rollout_logp_diff`` (mean |d_t|), ``rollout_kl`` (the k3 estimate of KL(pi_sampler || pi_old) on the
+    sampled tokens, ``exp(d) - 1 - d``), and with a correction ``rollout_capped_frac`` (share of the masked
+    tokens, or rows, whose weight went over the cap).
+    """
+    if mode not in ROLLOUT_CORRECTIONS:
+        raise ValueError(f"rollout_correction must be one of {ROLLOUT_CORRECTIONS}, got {mode!r}")
+    m = mask.bool()
+    d = _clamped_log_ratio(old_logp.detach(), sampler_logp, m)
+    diag = {"rollout_logp_diff": masked_mean(d.abs(), m), "rollout_kl": masked_mean(torch.exp(d) - 1.0 - d, m)}
+    if mode == "none":
+        return None, diag
+    if mode.startswith("sequence"):
+        rows = m.any(-1)
+        r = torch.exp(d.sum(-1, keepdim=True).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).expand_as(d)
+        over = (r[:, 0] > cap) & rows
+        diag["rollout_capped_frac"] = over.sum() / rows.sum().clamp(min=1)
+    else:
+        r = torch.exp(d)
+        over = (r > cap) & m
+        diag["rollout_capped_frac"] = over.sum() / m.sum().clamp(min=1)
+    weight = r.clamp(max=cap) if mode.endswith("truncate") else torch.where(r > cap, 0.0, r)
+    return torch.where(m, weight, 0.0), diag
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -344,6 +391,8 @@ class LossInputs:
     r_proc: torch.Tensor | None = None  #: [B] R_proc (the third SFT gate)
     gate: torch.Tensor | None = None  #: [B] bool, the SFT gate already computed (``sft_gate``) for these rows
     truncated: torch.Tensor | None = None  #: [B] bool, the completion hit max_new_tokens with no EOS
+    #: [B, T] log-prob of each token under the sampler that drew it (``Rollouts.sampler_logp``); None: not reported
+    sampler_logp: torch.Tensor | None = None
 
 
 def total_loss(
@@ -410,6 +459,13 @@ def total_loss(
         if entropy.shape != logp.shape:
             raise ValueError(f"entropy {tuple(entropy.shape)} does not match logp {tuple(logp.shape)}")
         keep = high_entropy_mask(entropy, mf_pg, cfg.top_entropy_quantile)
+    weight, rollout_diag = None, {}
+    if x.sampler_logp is not None:
+        weight, rollout_diag = rollout_correction(old_logp, x.sampler_logp, mf, cfg.rollout_correction,
+                                                  cfg.rollout_correction_cap)
+    elif cfg.rollout_correction != "none":
+        raise ValueError("loss.rollout_correction needs the sampler's log-probs (LossInputs.sampler_logp: sampled "
+                         "rollouts with rollout.temperature > 0)")
 
     def pg(adv: torch.Tensor, mask: torch.Tensor, d: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return pg_loss(
@@ -426,6 +482,7 @@ def total_loss(
             cispo_eps_high=cfg.cispo_eps_high,
             cispo_eps_low=cfg.cispo_eps_low,
             keep=keep,
+            rollout_weight=weight,
         )
 
     # Start from 0 * sum(logp) rather than a constant: the result is always attached to logp, so
@@ -472,4 +529,5 @@ def total_loss(
             diag["entropy"] = masked_mean(entropy.detach(), mf)
         if truncated is not None:
             diag["truncated_frac"] = truncated.float().mean() if b else ratio.new_tensor(0.0)
+        diag.update(rollout_diag)
     return total, diag
