@@ -58,6 +58,7 @@ def test_defaults_equal_spec():
     assert adv.process_mask == "cot" and loss.sft_gates == "both"
     assert (cfg.reward.accuracy_weight, cfg.reward.format_weight) == (1.0, 1.0)
     assert cfg.reward.fallback_extraction is False  # untagged answers earn nothing by default
+    assert (cfg.reward.overlong_buffer, cfg.reward.overlong_penalty) == (0, 1.0)  # DAPO's overlong term: off
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,6 +192,10 @@ def test_unknown_key_in_a_file_names_the_file_and_the_key(tmp_path):
     ("loss.alpha=.nan", "loss.alpha", "finite"),
     ("rollout.temperature=-.inf", "rollout.temperature", "finite"),
     ("loss.gamma=-0.5", "loss.gamma", ">= 0"),
+    ("reward.overlong_buffer=-1", "reward.overlong_buffer", ">= 0"),
+    ("reward.overlong_buffer=1.5", "reward.overlong_buffer", "integer"),
+    ("reward.overlong_penalty=-0.5", "reward.overlong_penalty", ">= 0"),
+    ("reward.overlong_penalty=.nan", "reward.overlong_penalty", "finite"),
 ])
 def test_invalid_values_name_the_key(override, key, words):
     err = _error(overrides=[override])

@@ -298,6 +298,31 @@ def test_plugin_module_function_and_none(tmp_path, monkeypatch):
         get_reward_fn("no_such_reward")
 
 
+def test_overlong_penalty_by_hand():
+    """DAPO's soft overlong punishment with L_max = 20, L_cache = 8, factor 0.5: free up to 12 tokens, a linear ramp
+    to -0.5 at 20, -0.5 past the cap; as verl's ``min(-(|y| - 12) / 8 * 0.5, 0)`` up to the cap."""
+    pen = [R.overlong_penalty(n, 20, 8, 0.5) for n in (1, 12, 13, 16, 19, 20, 21, 40)]
+    assert pen == [0.0, 0.0, -0.0625, -0.25, -0.4375, -0.5, -0.5, -0.5]
+    for n in range(1, 21):
+        assert R.overlong_penalty(n, 20, 8, 0.5) == pytest.approx(min(-(n - 12) / 8 * 0.5, 0))
+    assert [R.overlong_penalty(n, 4, 4) for n in (0, 1, 2, 4)] == [0.0, -0.25, -0.5, -1.0]  # the whole cap a buffer
+    assert {R.overlong_penalty(n, 20, 0, 3.0) for n in (1, 20, 25)} == {0.0}  # buffer 0: off
+    assert R.overlong_penalty(20, 20, 8, 0.0) == 0.0
+    with pytest.raises(ValueError, match="longer than max_length"):
+        R.overlong_penalty(5, 4, 8)
+    with pytest.raises(ValueError, match=">= 0"):
+        R.overlong_penalty(5, 20, -1)
+    # as a reward component: the weighted sum adds it to accuracy and format, and logs it on its own
+    specs = [RewardSpec("accuracy"), RewardSpec("format"),
+             RewardSpec("overlong", 1.0, {"max_length": 20, "buffer": 8, "penalty": 0.5})]
+    r = compute_rewards([""] * 3, [GOOD, GOOD, FORMATTED_WRONG], specs, answer="3", task="count",
+                        completion_length=[10, 16, 20])
+    assert r.components["overlong"] == [0.0, -0.25, -0.5]
+    assert r.total == [2.0, 1.75, 0.5]
+    with pytest.raises(ValueError, match="completion_length"):
+        compute_rewards([""], [GOOD], specs, answer="3", task="count")
+
+
 def test_register_reward_decorator():
     @register_reward("always_one_test")
     def always_one(prompts, completions, **kw):

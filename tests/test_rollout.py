@@ -99,6 +99,57 @@ def test_logprobs_follow_the_sampling_temperature(tiny_vl_dir, make_image):
     assert RolloutConfig(temperature=0.7).logprob_temperature == 0.7
 
 
+def test_entropy_of_the_packed_pass_equals_a_plain_forward_at_the_rollout_temperature(tiny_vl_dir, make_image):
+    """``packed_forward(entropy=True)`` gives ``-(softmax * log_softmax).sum(-1)`` of ``logits / T`` at every
+    completion position, as a plain forward over the row does; the same with gradient and probe copies (the update's
+    pass, its copies on the cache), where the entropy carries no gradient and the log-probs do not move."""
+    from vlm_mig.forward import ScoreRow, packed_forward, prompt_pieces
+
+    engine = _engine(tiny_vl_dir, num_generations=2, max_new_tokens=10, temperature=0.7)
+    sample = Sample(id="a", question="How many items?", images=[str(make_image("a.png"))], answer="3")
+    r = engine.generate([sample])
+    one = encode_prompts(engine.processor, [sample])
+    piece = prompt_pieces(engine.model, one)[0]
+    rows, want = [], []
+    for i in range(2):
+        n = int(r.completion_mask[i].sum())
+        ids = torch.cat([one.input_ids[0], r.completion_ids[i, :n]]).unsqueeze(0)
+        mm = torch.cat([one.mm_token_type_ids[0], torch.zeros(n, dtype=one.mm_token_type_ids.dtype)]).unsqueeze(0)
+        with torch.no_grad():
+            logits = engine.model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm,
+                                  pixel_values=one.pixel_values,
+                                  image_grid_thw=one.image_grid_thw).logits[0, -n - 1 : -1].float() / 0.7
+        want.append(-(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1))
+        rows.append(ScoreRow(prompt=piece, completion_ids=r.completion_ids[i, :n], cuts=[0, n],
+                             variants=[torch.tensor([5])]))
+    assert not torch.allclose(want[0], want[0].mean())  # a real per-token quantity
+    with torch.no_grad():
+        plain = packed_forward(engine.model, rows, torch.tensor([6, 7]), temperature=0.7)
+        cold = packed_forward(engine.model, rows, torch.tensor([6, 7]), temperature=0.7, entropy=True)
+    engine.model.train()
+    try:  # the update's pass: with gradient, the copies in a call of their own on the cache
+        hot = packed_forward(engine.model, rows, torch.tensor([6, 7]), temperature=0.7, entropy=True)
+    finally:
+        engine.model.eval()
+    for i in range(2):
+        assert plain[i].completion_entropy is None
+        assert torch.allclose(cold[i].completion_entropy, want[i], atol=1e-4)
+        assert torch.allclose(hot[i].completion_entropy, want[i], atol=1e-4)
+        assert not hot[i].completion_entropy.requires_grad and hot[i].completion_logprobs.requires_grad
+        assert torch.equal(cold[i].completion_logprobs, plain[i].completion_logprobs)
+        assert torch.equal(cold[i].l, plain[i].l)
+    # chunks of 3 rows give what one chunk gives, with the rivals beside the entropy
+    from vlm_mig.adapter import adapter_for
+    from vlm_mig.forward import token_logprobs
+
+    h = torch.randn(7, adapter_for(engine.model).output_head(engine.model).weight.shape[1])
+    tgt = torch.randint(0, 10, (7,))
+    lp, rival, ent = token_logprobs(engine.model, h, tgt, chunk=3, temperature=0.7, rival=True, entropy=True)
+    lp1, ent1 = token_logprobs(engine.model, h, tgt, temperature=0.7, entropy=True)
+    assert torch.allclose(lp, lp1, atol=1e-6) and torch.allclose(ent, ent1, atol=1e-5) and rival.shape == (7,)
+    assert (ent1 >= 0).all()
+
+
 def test_hf_engine_text_model_greedy_is_deterministic(tiny_text_dir):
     engine = _engine(tiny_text_dir, num_generations=2, max_new_tokens=8, temperature=0.0)
     r = engine.generate([Sample(id="t", question="What is 2 + 3?", answer="5")])

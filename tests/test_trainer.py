@@ -25,6 +25,7 @@ SPEC_METRICS = {
     "reward/total", "reward/accuracy", "reward/format", "mig/process_reward", "mig/K", "adv/zero_std_out",
     "loss/clip_frac_out", "loss/kl", "loss/sft_gate_rate", "length/completion", "optim/grad_norm",
     "time/tokens_per_s", "time/generate", "time/score", "time/update",
+    "policy/entropy", "policy/entropy_reasoning", "policy/entropy_answer",
 }
 
 
@@ -117,6 +118,8 @@ def test_teacher_errors_rewrite_sft_targets_and_rl_refuses_them_and_single_rollo
 @pytest.mark.parametrize("variant", ["mig", "mig-two-pass", "grpo"])
 def test_train_step_logs_every_spec_metric(tiny_vl_dir, tmp_path, variant):
     extra = {"loss.alpha": 0, "loss.gamma": 0} if variant == "grpo" else {"advantage.process_credit": "step"}
+    if variant == "grpo":  # with DAPO's soft overlong penalty over the last 12 of the 24 tokens allowed
+        extra.update({"reward.overlong_buffer": 12, "reward.overlong_penalty": 0.5})
     if variant == "mig-two-pass":  # micro-batches across groups: the l_k are scored before the update
         extra["trainer.micro_batch_size"] = 3
     cfg = load_config(None, _rl_overrides(tiny_vl_dir, tmp_path / variant, 2, **extra))
@@ -124,12 +127,26 @@ def test_train_step_logs_every_spec_metric(tiny_vl_dir, tmp_path, variant):
     rows = [json.loads(x) for x in (tmp_path / variant / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert SPEC_METRICS <= rows[-1].keys()
+    assert all(0 < r["policy/entropy"] < math.log(4096) for r in rows)  # nats: at most log(vocabulary), ~2.1k
+    assert ("reward/overlong" in rows[-1]) == (variant == "grpo")
+    if variant == "grpo":
+        for r in rows:
+            assert -0.5 <= r["reward/overlong"] <= 0 and 0 <= r["reward/overlong_rate"] <= 1
+            assert r["reward/total"] == pytest.approx(r["reward/accuracy"] + r["reward/format"] + r["reward/overlong"])
+        assert any(r["reward/overlong_rate"] > 0 for r in rows)
     assert (variant == "grpo") == ("loss/pg_proc" not in rows[-1])
     samples = [json.loads(x) for x in (tmp_path / variant / "samples.jsonl").read_text().splitlines()]
     assert samples and {"completion", "steps", "reward", "process_reward"} <= samples[0].keys()
     assert (tmp_path / variant / "tensorboard").exists() is False  # report_to [] writes none
     ids = [json.loads(x)["ids"] for x in (tmp_path / variant / "prompts_rank0.jsonl").read_text().splitlines()]
     assert len(ids) == 2 and len(ids[0]) == 2
+
+
+def test_an_overlong_buffer_longer_than_the_cap_is_refused(tiny_vl_dir, tmp_path):
+    with pytest.raises(ConfigError, match="reward.overlong_buffer: 25 is longer than rollout.max_new_tokens"):
+        Trainer(load_config(None, _rl_overrides(tiny_vl_dir, tmp_path / "o", 1, **{"reward.overlong_buffer": 25})),
+                mode="rl")
+    assert not (tmp_path / "o").exists()  # refused before the run folder was made
 
 
 class _Grads:
@@ -184,8 +201,18 @@ def test_scoring_in_the_update_equals_scoring_before_it(sft_vl_dir, tmp_path, cr
     (two, g2, loss2, n2), (one, g1, loss1, n1) = runs[False], runs[True]
     assert n1 == 3 and n2 == 2  # 12 rows: micro-batches of one whole group (4 rows) vs 6 + 6 across groups
     assert float(two.r_proc.abs().sum()) > 0 and float(two.adv.tok_proc.abs().sum()) > 0, "a process signal to test"
-    for name in ("l", "gains", "watermark", "r_proc"):
+    for name in ("l", "gains", "watermark", "r_proc", "entropy"):
         assert torch.allclose(getattr(one, name), getattr(two, name), atol=1e-5), name
+    # the per-token entropy of the update's pass: 0 on padding, the step metrics split it by M_cot
+    from vlm_mig.rl.metrics import entropy_metrics
+
+    assert (one.entropy[~one.m_full] == 0).all() and (one.entropy[one.m_full] > 0).all()
+    ent = entropy_metrics(one)
+    n_cot, n_all = int(one.m_cot.sum()), int(one.m_full.sum())
+    assert 0 < n_cot < n_all
+    assert ent["policy/entropy"] == pytest.approx(float(one.entropy[one.m_full].mean()), rel=1e-5)
+    assert ent["policy/entropy"] == pytest.approx(
+        (n_cot * ent["policy/entropy_reasoning"] + (n_all - n_cot) * ent["policy/entropy_answer"]) / n_all, rel=1e-5)
     assert torch.allclose(one.adv.tok_proc, two.adv.tok_proc, atol=1e-5)
     assert loss1 == pytest.approx(loss2, abs=1e-5)
     assert float(g2.abs().max()) > 0 and torch.allclose(g1, g2, atol=1e-5, rtol=0), float((g1 - g2).abs().max())

@@ -106,6 +106,10 @@ class RewardConfig:
     format_weight: float = 1.0  #: w_fmt
     plugins: list[str] = field(default_factory=list)  #: extra TRL-style rewards "module:function=weight"
     fallback_extraction: bool = False  #: grade untagged answers too (off: untagged answers earn nothing)
+    #: DAPO's soft overlong penalty (SPEC section 3): L_cache, the last tokens before ``rollout.max_new_tokens``
+    #: over which the ``overlong`` term of R_out ramps from 0 down to ``-overlong_penalty`` (0: off)
+    overlong_buffer: int = bounded(0, ge=0)
+    overlong_penalty: float = bounded(1.0, ge=0)  #: the overlong term's value at the cap (DAPO's penalty factor)
 
 
 @dataclass

@@ -18,8 +18,9 @@ Image features are computed once per prompt (``prompt_pieces``) and shared by al
 scored positions get fp32 log-softmax, chunked, never full-vocabulary logits for the whole row; the answer tokens
 are scored without gradient (``l_k`` is a reward, never a loss term).
 
-The completion log-probs are taken at the rollout temperature, the ``l_k`` at 1. The MIG math on the ``l_k``
-lives in ``vlm_mig.mig``.
+The completion log-probs are taken at the rollout temperature, the ``l_k`` at 1; on request (the update's pass)
+the same fp32 chunks also give the policy's entropy at each completion position, at the rollout temperature and
+detached. The MIG math on the ``l_k`` lives in ``vlm_mig.mig``.
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ class RowScores:
     completion_logprobs: torch.Tensor  #: [T] log pi_old of each completion token
     #: [K+1] step scores under every answer score of ``ANSWER_SCORES`` (``l`` is one of them)
     l_by_score: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: [T] entropy of the policy at each completion position, at the completion log-probs' temperature,
+    #: detached (None: not asked for, ``packed_forward(entropy=False)``)
+    completion_entropy: torch.Tensor | None = None
 
 
 @dataclass
@@ -221,12 +225,15 @@ def block_mask(visible: torch.Tensor, copy_id: torch.Tensor, dtype: torch.dtype)
 
 
 def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOGPROB_CHUNK,
-                   temperature: float = 1.0, rival: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                   temperature: float = 1.0, rival: bool = False,
+                   entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """fp32 ``log p(target)`` for each row of ``hidden`` [N, H], in chunks (never all logits at once), under
-    ``softmax(logits / temperature)``. With ``rival`` also ``max_{u != target} log p(u)``, the most likely
-    other token (a pair of tensors)."""
+    ``softmax(logits / temperature)``. With ``rival`` and/or ``entropy`` a tuple: the log-probs, then (``rival``)
+    ``max_{u != target} log p(u)``, the most likely other token, then (``entropy``) the entropy
+    ``-sum_u p(u) log p(u)`` of each row's distribution at the same temperature, detached (it is logged and
+    selects tokens, never a loss term with a gradient)."""
     head = adapter_for(model).output_head(model)
-    out, rivals = [], []
+    out, rivals, ents = [], [], []
 
     def pick(logits: torch.Tensor, s: int) -> None:
         logp = (logits if temperature == 1.0 else logits / temperature).log_softmax(-1)
@@ -236,6 +243,10 @@ def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: in
             top = logp.topk(min(2, logp.shape[-1]), dim=-1)
             other = top.values[:, -1] if top.values.shape[-1] > 1 else torch.full_like(top.values[:, 0], -math.inf)
             rivals.append(torch.where(top.indices[:, 0] == tgt.squeeze(-1), other, top.values[:, 0]))
+        if entropy:
+            with torch.no_grad():  # one [chunk, V] temporary, freed with the chunk; p log p = 0 where p = 0
+                lp = logp.detach()
+                ents.append(-lp.exp().mul_(lp).nansum(-1))
 
     if hasattr(head.weight, "ds_id"):
         # ZeRO-3 partitions the weight: only the module call gathers it (and routes its gradient back to the
@@ -251,18 +262,24 @@ def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: in
                 pick(F.linear(hidden[s : s + chunk].float(), weight, bias), s)
     empty = hidden.new_zeros(0, dtype=torch.float32)
     lp = torch.cat(out) if out else empty
-    return (lp, torch.cat(rivals) if rivals else empty) if rival else lp
+    if not (rival or entropy):
+        return lp
+    extra = ([torch.cat(rivals) if rivals else empty] if rival else []) + (
+        [torch.cat(ents) if ents else empty] if entropy else [])
+    return (lp, *extra)
 
 
 def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob_chunk: int = LOGPROB_CHUNK,
-                   answer_score: str = MigOptions.answer_score, temperature: float = 1.0) -> list[RowScores]:
+                   answer_score: str = MigOptions.answer_score, temperature: float = 1.0,
+                   entropy: bool = False) -> list[RowScores]:
     """Score a micro-batch of rollouts in one forward pass (with gradient and copies: two decoder calls, the
     copies on the completions' cache without a graph). Runs under the caller's grad mode.
 
     ``l`` uses ``answer_score``; ``l_by_score`` holds every answer score (they share the pass). The completion
     log-probs are those of the sampler, ``softmax(logits / temperature)`` (the rollout temperature), which the
     policy-gradient ratio needs; the step scores ``l_k`` are the model's own likelihoods (temperature 1), so a
-    run's process reward does not change with its sampling temperature."""
+    run's process reward does not change with its sampling temperature. ``entropy``: also the policy's entropy at
+    each completion position, at the same temperature, detached (``RowScores.completion_entropy``)."""
     if answer_score not in ANSWER_SCORES:
         raise ValueError(f"answer score must be one of {ANSWER_SCORES}, got {answer_score!r}")
     device = next(model.parameters()).device
@@ -317,8 +334,9 @@ def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob
     # Every scored position of the micro-batch through one chunked fp32 log-softmax per kind: the completion
     # tokens at the sampling temperature (under the caller's grad mode), the answer tokens at 1 with their most
     # likely rival (``margin``), never with gradient: l_k is a reward, and its logits need no graph.
-    comp_lp = token_logprobs(model, *gather(lambda lay: lay.completion_src, lambda lay: lay.completion_tgt),
-                             logprob_chunk, temperature=temperature)
+    comp = token_logprobs(model, *gather(lambda lay: lay.completion_src, lambda lay: lay.completion_tgt),
+                          logprob_chunk, temperature=temperature, entropy=entropy)
+    comp_lp, comp_ent = comp if entropy else (comp, None)
     with torch.no_grad():
         ans_hidden, ans_tgt = gather(lambda lay: lay.answer_src, lambda lay: lay.answer_tgt)
         ans_lp, ans_rival = token_logprobs(model, ans_hidden.detach(), ans_tgt, logprob_chunk, rival=True)
@@ -326,6 +344,7 @@ def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob
     results, c_cur, a_cur = [], 0, 0
     for row, lay in zip(rows, layouts):
         comp = comp_lp[c_cur : c_cur + lay.completion_src.numel()]
+        ent = None if comp_ent is None else comp_ent[c_cur : c_cur + comp.numel()]
         c_cur += comp.numel()
         n_ans = lay.answer_tgt.numel()
         ans, rival = ans_lp[a_cur : a_cur + n_ans], ans_rival[a_cur : a_cur + n_ans]
@@ -338,7 +357,7 @@ def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob
             best[mode] = (by_score[mode].max(-1).values if lay.n_variants
                           else by_score[mode].new_zeros(len(row.cuts)))
         results.append(RowScores(l=best[answer_score], l_variants=by_score[answer_score], completion_logprobs=comp,
-                                 l_by_score=best))
+                                 l_by_score=best, completion_entropy=ent))
     return results
 
 

@@ -1,6 +1,6 @@
 """Outcome rewards (SPEC section 3): answer extraction, grading by task type, format, and a registry.
 
-    R_out = w_acc * acc + w_fmt * fmt          (defaults w_acc = w_fmt = 1)
+    R_out = w_acc * acc + w_fmt * fmt [+ overlong]     (defaults w_acc = w_fmt = 1; overlong off)
 
 * ``extract_answer(completion)`` reads the answer the model committed to: the text of the **last**
   complete ``<answer>…</answer>`` pair, narrowed to its last ``\\boxed{…}`` when it has one. Untagged
@@ -11,9 +11,11 @@
   (integer), ``numeric`` (exact for integer golds, else a tolerance), ``mc`` (option letter), ``text``
   (normalised string).
 * ``format_reward`` checks ``<think>…</think>\\s*<answer>…</answer>`` with at least one step.
+* ``overlong_penalty`` is DAPO's soft overlong punishment of a completion's length (``reward.overlong_buffer``,
+  ``reward.overlong_penalty``); ``overlong_reward`` is it as a reward function (component ``overlong``).
 * Rewards are plain functions with the TRL signature ``fn(prompts, completions, **columns) ->
   list[float | None]``; ``compute_rewards`` combines a weighted list of them. Built-ins are named
-  ``accuracy`` and ``format``; anything else is a plug-in named ``package.module:function``.
+  ``accuracy``, ``format`` and ``overlong``; anything else is a plug-in named ``package.module:function``.
 
 Pure Python (no torch): the trainer turns the lists into tensors.
 """
@@ -68,6 +70,8 @@ __all__ = [
     "grade",
     "is_well_formatted",
     "last_boxed",
+    "overlong_penalty",
+    "overlong_reward",
     "register_reward",
     "registered_rewards",
 ]
@@ -578,7 +582,47 @@ def format_reward(
     ]
 
 
-_REGISTRY: dict[str, RewardFn] = {"accuracy": accuracy_reward, "format": format_reward}
+def overlong_penalty(length: int, max_length: int, buffer: int, penalty: float = 1.0) -> float:
+    """DAPO's soft overlong punishment (Yu et al. 2025, "DAPO", section 3.4, R_length) of a completion of
+    ``length`` tokens (through EOS) with ``max_length`` = L_max (the generation cap) and ``buffer`` = L_cache:
+
+        0                                               if |y| <= L_max - L_cache
+        (L_max - L_cache - |y|) / L_cache * penalty     if L_max - L_cache < |y| <= L_max
+        -penalty                                        if |y| > L_max
+
+    a linear ramp from 0 to ``-penalty`` over the last ``buffer`` tokens the cap allows. As verl's ``dapo``
+    reward manager (``overlong_buffer.len``, ``overlong_buffer.penalty_factor``: ``min(-(|y| - (L_max -
+    L_cache)) / L_cache * penalty_factor, 0)``) up to L_max; beyond it (which a hard cap rules out) the paper's
+    constant ``-penalty``, where verl's ramp would go on falling. ``buffer`` 0 is off (0 for every length)."""
+    if buffer < 0 or penalty < 0 or max_length < 1:
+        raise ValueError(f"overlong penalty: buffer {buffer} and penalty {penalty} must be >= 0 and max_length "
+                         f"{max_length} >= 1")
+    if buffer > max_length:
+        raise ValueError(f"overlong penalty: the buffer ({buffer}) is longer than max_length ({max_length}), so "
+                         "every length would be penalised")
+    if buffer == 0:
+        return 0.0
+    start = max_length - buffer
+    if length <= start:
+        return 0.0
+    if length > max_length:
+        return -float(penalty)
+    return (start - length) / buffer * penalty
+
+
+def overlong_reward(
+    prompts: Sequence[Any], completions: Sequence[Any], completion_length: Sequence[int] | None = None, *,
+    max_length: int, buffer: int, penalty: float = 1.0, **_: Any,
+) -> list[float | None]:
+    """``overlong_penalty`` of each completion's token count (the ``completion_length`` column, which the RL
+    reward stage passes: text cannot be re-tokenized into the sampled ids)."""
+    if completion_length is None:
+        raise ValueError("the overlong reward needs a 'completion_length' column (tokens of each completion)")
+    lengths = _column({"completion_length": completion_length}, "completion_length", len(completions))
+    return [overlong_penalty(int(n), max_length, buffer, penalty) for n in lengths]
+
+
+_REGISTRY: dict[str, RewardFn] = {"accuracy": accuracy_reward, "format": format_reward, "overlong": overlong_reward}
 
 
 def register_reward(name: str, fn: RewardFn | None = None):

@@ -61,7 +61,8 @@ class PolicyForward(nn.Module):
     log-probs of ``rows`` (``ScoreRow`` fields, with ``prompt`` the index of the row's prompt) in one packed pass,
     under ``softmax(logits / temperature)``: RL passes the rollout temperature, so the ratio compares the policy
     with the distribution that sampled the rollouts; SFT uses 1. Rows with cuts and answer forms get their l_k
-    from the same pass (detached): the lists ``(log-probs, l)``.
+    from the same pass (detached); with ``entropy`` each completion position's policy entropy at that temperature
+    too (detached): the lists ``(log-probs, l, entropy)`` (entropy None per row when not asked for).
     """
 
     def __init__(self, model: nn.Module, temperature: float = 1.0):
@@ -70,13 +71,14 @@ class PolicyForward(nn.Module):
         self.temperature = temperature
 
     def forward(self, prompts: PromptBatch | list[PromptPieces], rows: list[dict[str, Any]],
-                probe_ids: torch.Tensor = EMPTY,
-                answer_score: str = MigOptions.answer_score) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                probe_ids: torch.Tensor = EMPTY, answer_score: str = MigOptions.answer_score,
+                entropy: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None]]:
         # ``prompts``: a PromptBatch, or its pieces already computed (``Trainer.sft_prompts``)
         pieces = prompts if isinstance(prompts, list) else prompt_pieces(self.model, prompts)
         specs = [ScoreRow(**{"cuts": [], "variants": [], **r, "prompt": pieces[r["prompt"]]}) for r in rows]
-        scores = packed_forward(self.model, specs, probe_ids, answer_score=answer_score, temperature=self.temperature)
-        return [s.completion_logprobs for s in scores], [s.l for s in scores]
+        scores = packed_forward(self.model, specs, probe_ids, answer_score=answer_score, temperature=self.temperature,
+                                entropy=entropy)
+        return [s.completion_logprobs for s in scores], [s.l for s in scores], [s.completion_entropy for s in scores]
 
 
 def _select(prompts: PromptBatch | list[PromptPieces], rows: list[int], device: torch.device):
@@ -118,6 +120,10 @@ class Trainer:
             if cfg.rollout.num_generations < 2:
                 raise ConfigError(f"rollout.num_generations: RL needs groups of at least 2 completions (each "
                                   f"advantage is measured against its group), got {cfg.rollout.num_generations}")
+            if cfg.reward.overlong_buffer > cfg.rollout.max_new_tokens:
+                raise ConfigError(f"reward.overlong_buffer: {cfg.reward.overlong_buffer} is longer than "
+                                  f"rollout.max_new_tokens ({cfg.rollout.max_new_tokens}), so every completion "
+                                  "would be penalised")
         self.cfg, self.mode = cfg, mode
         t = cfg.trainer
         if t.threads:
@@ -329,6 +335,9 @@ class Trainer:
         r = self.cfg.reward
         specs = [RewardSpec("accuracy", r.accuracy_weight, {"fallback": r.fallback_extraction}),
                  RewardSpec("format", r.format_weight)]
+        if r.overlong_buffer > 0:  # DAPO's soft overlong penalty, in R_out at weight 1 (its own factor inside)
+            specs.append(RewardSpec("overlong", 1.0, {"max_length": self.cfg.rollout.max_new_tokens,
+                                                      "buffer": r.overlong_buffer, "penalty": r.overlong_penalty}))
         for item in r.plugins:
             name, _, weight = item.partition("=")
             specs.append(RewardSpec(name, float(weight) if weight else 1.0))
@@ -440,7 +449,7 @@ class Trainer:
 
         def loss_of(idx: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             rows = [{"prompt": j, "completion_ids": comps[i].to(dev)} for j, i in enumerate(idx)]
-            logps, _ = self.policy(_select(prompts, idx, dev), rows)
+            logps, _, _ = self.policy(_select(prompts, idx, dev), rows)
             # Token-level mean over the whole global batch (micro-batches and processes add up exactly).
             loss = -torch.cat(logps).sum() / world_tokens
             return loss, {"loss": loss.detach()}
@@ -492,9 +501,10 @@ class Trainer:
         return self.acc.device
 
     def completion_logprobs(self, rollouts: Rollouts, rows: list[int], scoring: stages.StepScoring | None = None
-                            ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """Gradient-carrying log pi_theta of the completions ``rows`` ([len(rows), T], 0 on padding) and, with
-        ``scoring``, their l_0..l_K from the same pass (detached)."""
+                            ) -> stages.PolicyPass:
+        """Gradient-carrying log pi_theta of the completions ``rows`` ([len(rows), T], 0 on padding), with
+        ``scoring`` their l_0..l_K from the same pass (detached), and the policy's per-token entropy at the rollout
+        temperature (detached, [len(rows), T], 0 on padding)."""
         groups = sorted({int(rollouts.group[i]) for i in rows})
         sub = select_prompts(rollouts.prompts, groups).to(self.device)
         where = {g: j for j, g in enumerate(groups)}
@@ -506,8 +516,10 @@ class Trainer:
             for spec, i in zip(specs, rows):
                 spec.update(cuts=scoring.cuts[i], **scoring.answers[i])
             extra = {"probe_ids": scoring.probe_ids, "answer_score": scoring.answer_score}
-        logps, ls = self.policy(sub, specs, **extra)
-        return pad_rows(logps, rollouts.completion_ids.shape[1]), ls if scoring is not None else None
+        logps, ls, ents = self.policy(sub, specs, entropy=True, **extra)
+        T = rollouts.completion_ids.shape[1]
+        return stages.PolicyPass(pad_rows(logps, T), ls if scoring is not None else None,
+                                 None if any(e is None for e in ents) else pad_rows(ents, T))
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         """Accumulate one micro-batch's share of a globally normalised loss; only ``last`` ends the update

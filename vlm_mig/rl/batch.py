@@ -17,7 +17,7 @@ from vlm_mig.steps import StepSpans
 @dataclass
 class RLBatch:
     """One row per completion, grouped G per prompt as in ``Rollouts``. The stages of ``vlm_mig.rl.stages`` fill
-    the fields in turn (rollout -> segment -> reward -> score -> advantages); none re-tokenizes text.
+    the fields in turn (rollout -> segment -> reward -> score -> advantages -> update); none re-tokenizes text.
 
     Tensors are on the CPU; the update moves each micro-batch's slice to the device.
     """
@@ -43,6 +43,10 @@ class RLBatch:
 
     adv: Advantages | None = None  #: advantages: sequence and token advantages
     m_proc: torch.Tensor | None = None  #: advantages: [N, T] the tokens the process advantage covers
+
+    #: update: [N, T] the policy's entropy at each completion position (rollout temperature, the first pass's,
+    #: detached), 0 on padding (None: the learner computed none)
+    entropy: torch.Tensor | None = None
 
     @property
     def n(self) -> int:

@@ -21,10 +21,12 @@ def step_metrics(batch: RLBatch, upd: Update, times: dict[str, float], lr: float
         "reward/total": float(batch.r_out.mean()),
         "reward/accuracy": float(batch.acc.mean()),
         "reward/format": float(batch.fmt.mean()),
+        **overlong_metrics(batch),
         "mig/process_reward": float(batch.r_proc.mean()),
         "mig/K": float(K.float().mean()),
         "mig/l0": float(batch.l[:, 0].mean()) if batch.l is not None else float("nan"),
         **signal_metrics(batch),
+        **entropy_metrics(batch),
         "adv/zero_std_out": adv.zero_std_out,
         "adv/zero_std_proc": adv.zero_std_proc,
         "adv/below_min_spread": adv.below_min_spread,
@@ -61,6 +63,32 @@ def signal_metrics(batch: RLBatch) -> dict[str, float]:
         "mig/first_step_share": float(batch.gains[:, :1].clamp_min(0).sum()) / total if total > 0 else float("nan"),
         "mig/visual_evidence": sum(seen) / len(seen) if seen else float("nan"),
     }
+
+
+def overlong_metrics(batch: RLBatch) -> dict[str, float]:
+    """The soft overlong penalty (``reward.overlong_buffer``): its mean and the share of completions it cut;
+    absent when the term is off."""
+    vals = [v for v in batch.rewards.components.get("overlong", []) if v is not None] if batch.rewards else []
+    if not vals:
+        return {}
+    return {"reward/overlong": sum(vals) / len(vals), "reward/overlong_rate": sum(v < 0 for v in vals) / len(vals)}
+
+
+def entropy_metrics(batch: RLBatch) -> dict[str, float]:
+    """Mean per-token policy entropy (rollout temperature, the update's first pass) over every completion token
+    (M_full), over the step tokens (M_cot: the reasoning) and over the rest of the completion (the think/answer
+    tags, the answer, EOS); NaN where a set is empty. Absent when the learner computed no entropy."""
+    if batch.entropy is None:
+        return {}
+    full = batch.m_full.bool()
+    cot = batch.m_cot.bool() & full
+
+    def mean(mask: torch.Tensor) -> float:
+        n = int(mask.sum())
+        return float(batch.entropy[mask].sum()) / n if n else float("nan")
+
+    return {"policy/entropy": mean(full), "policy/entropy_reasoning": mean(cot),
+            "policy/entropy_answer": mean(full & ~cot)}
 
 
 def average_diagnostics(diags: list[tuple[int, dict[str, torch.Tensor]]], passes: int) -> dict[str, float]:

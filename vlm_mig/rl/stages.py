@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -61,10 +61,12 @@ def segment(batch: RLBatch, tokenizer: Any, config: StepConfig) -> None:
 
 
 def reward(batch: RLBatch, specs: list[RewardSpec]) -> None:
-    """Fills ``rewards``, ``r_out``, ``acc`` and ``fmt`` (SPEC section 3)."""
+    """Fills ``rewards``, ``r_out``, ``acc`` and ``fmt`` (SPEC section 3). Every reward function gets the columns
+    ``answer``, ``task`` and ``completion_length`` (tokens through EOS, what ``overlong`` reads)."""
     r, samples = batch.rollouts, batch.samples
     rew = compute_rewards([r.prompts.texts[int(g)] for g in r.group], r.texts, specs,
-                          answer=[s.variants for s in samples], task=[s.task for s in samples])
+                          answer=[s.variants for s in samples], task=[s.task for s in samples],
+                          completion_length=r.completion_lengths.tolist())
     batch.rewards = rew
     batch.r_out = torch.tensor(rew.total, dtype=torch.float32)
     batch.acc = torch.tensor([v or 0.0 for v in rew.components["accuracy"]])
@@ -242,15 +244,25 @@ def _advantages_of_rows(batch: RLBatch, rows: list[int], cfg: AdvantageConfig, m
                        min_spread=min_spread)
 
 
+class PolicyPass(NamedTuple):
+    """What the update's pass of the policy yields for a micro-batch of rows."""
+
+    logp: torch.Tensor  #: [rows, T] gradient-carrying log pi_theta at the rollout temperature, 0 on padding
+    l: list[torch.Tensor] | None = None  #: each row's l_0..l_K from the same pass (detached); None: not scored
+    #: [rows, T] the policy's entropy at each completion position, at the rollout temperature, detached, 0 on
+    #: padding (None: not computed)
+    entropy: torch.Tensor | None = None
+
+
 class Learner(Protocol):
     """The trainable side of the update: the policy's passes, the backward and the optimizer step."""
 
     device: torch.device
 
     def completion_logprobs(self, rollouts: Rollouts, rows: list[int],
-                            scoring: StepScoring | None = None) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """Gradient-carrying log pi_theta of the completions ``rows`` ([len(rows), T], 0 on padding) and, with
-        ``scoring``, each row's l_0..l_K from the same pass (detached)."""
+                            scoring: StepScoring | None = None) -> PolicyPass:
+        """Gradient-carrying log pi_theta of the completions ``rows`` ([len(rows), T], 0 on padding), with
+        ``scoring`` each row's l_0..l_K from the same pass (detached), and the per-token entropy (detached)."""
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         """Accumulate one micro-batch's gradient; ``last`` ends the update."""
@@ -302,7 +314,8 @@ def update(batch: RLBatch, learner: Learner, cfg: LossConfig, *, micro_batch_siz
 
     With ``in_update`` (``in_update_blocker`` is None: one pass, group-local advantages) each micro-batch holds
     ``micro_batch_size // G`` whole groups; its pass yields the l_k too, and its advantages are computed from
-    them before its loss; ``batch.adv`` is filled for the whole batch at the end."""
+    them before its loss; ``batch.adv`` is filled for the whole batch at the end. The pass's per-token entropy goes
+    to ``total_loss`` (each pass its own) and, from the first pass (the policy that sampled), to ``batch.entropy``."""
     G = batch.group_size
     if in_update is not None:
         if num_iterations != 1 or micro_batch_size < G:
@@ -312,23 +325,31 @@ def update(batch: RLBatch, learner: Learner, cfg: LossConfig, *, micro_batch_siz
     gate = sft_gate(batch.acc, batch.fmt, batch.r_proc, gate_proc=cfg.sft_gate_proc, gates=cfg.sft_gates)
     den = Denominators.from_batch(batch.m_proc, batch.m_full, gate, cfg, total=partial(sum_over_processes, dist))
     dev = learner.device
+    batch.entropy = None
+    first_pass = True
 
     def loss_of(rows: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if in_update is None:
-            logp, _ = learner.completion_logprobs(batch.rollouts, rows)
+            out = learner.completion_logprobs(batch.rollouts, rows)
             adv = batch.adv
             which = torch.tensor(rows)
             tok_out, tok_proc = adv.tok_out[which], adv.tok_proc[which]
         else:
-            logp, ls = learner.completion_logprobs(batch.rollouts, rows, in_update.scoring)
-            put_step_scores(batch, rows, ls, in_update.mig)
+            out = learner.completion_logprobs(batch.rollouts, rows, in_update.scoring)
+            put_step_scores(batch, rows, out.l, in_update.mig)
             adv = _advantages_of_rows(batch, rows, in_update.advantage, in_update.mig.min_spread, None)
             tok_out, tok_proc = adv.tok_out, adv.tok_proc
-        return total_loss(logp, batch.loss_inputs(rows, dev, tok_out, tok_proc, gate), cfg, denominators=den)
+        if first_pass and out.entropy is not None:
+            if batch.entropy is None:
+                batch.entropy = torch.zeros(batch.n, batch.width)
+            batch.entropy[torch.tensor(rows, dtype=torch.long)] = out.entropy.detach().float().cpu()
+        return total_loss(out.logp, batch.loss_inputs(rows, dev, tok_out, tok_proc, gate), cfg,
+                          entropy=out.entropy, denominators=den)
 
     diagnostics: list[tuple[int, dict[str, torch.Tensor]]] = []
     grad_norm = 0.0
-    for _ in range(num_iterations):
+    for it in range(num_iterations):
+        first_pass = it == 0
         diagnostics += accumulate(learner, micro_batches(batch.n, micro_batch_size), loss_of)
         grad_norm = learner.optimizer_step()
     if in_update is not None:  # the whole batch's advantages, for the logs (group-local: equal to the pieces)
