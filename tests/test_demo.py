@@ -204,6 +204,7 @@ def test_quick_demo_writes_every_output_and_each_parses(tmp_path):
     assert v["overrides"] == {"loss": {"alpha": 0.5}} and v["minus_grpo"]["id"]["seeds"] == 1
     assert yaml.safe_load((out / "configs" / "ablation" / "half-seed0.yaml").read_text())["loss"]["alpha"] == 0.5
     assert "| half |" in res.stdout
+    assert set(v["watched"]) >= {"loss/clip_frac_out", "adv/zero_std_out"}  # the run means of what options move
 
 
 def test_the_clean_plan_trains_its_control_on_blank_images(tmp_path):

@@ -231,6 +231,25 @@ def test_shipped_mig_configs_score_in_the_update_and_say_why_when_not():
     assert "no step scores" in stages.in_update_blocker(load_config(root / "tiny_clevr_grpo.yaml"))
 
 
+@pytest.mark.parametrize("variant", [
+    {"loss.importance_sampling": "sequence", "loss.mask_truncated": "true", "loss.rollout_correction": "token_truncate",
+     "loss.top_entropy_quantile": 0.5, "loss.normalizer": "dapo"},
+    {"loss.type": "cispo", "loss.rollout_correction": "sequence_mask", "loss.alpha": 0, "loss.gamma": 0}])
+def test_the_loss_options_train_and_log_what_they_move(tiny_vl_dir, tmp_path, variant):
+    """The issue-22 loss options through the real trainer (MIG and GRPO): the HF sampler is the policy itself, so the
+    rollout/trainer mismatch reads float noise and no weight is capped."""
+    out = tmp_path / "rl"
+    Trainer(load_config(None, _rl_overrides(tiny_vl_dir, out, 2, **variant)), "rl").train()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    m = rows[-1]
+    assert m["loss/rollout_logp_diff"] < 1e-4 and m["loss/rollout_kl"] < 1e-6 and m["loss/rollout_capped_frac"] == 0
+    assert math.isfinite(m["loss/loss"]) and math.isfinite(m["optim/grad_norm"])
+    if "loss.mask_truncated" in variant:
+        # the untrained model seldom stops within 24 tokens: truncated rows leave the PG terms, the others keep q
+        assert 0 <= m["loss/truncated_frac"] <= 1 and "loss/seq_ratio_mean_out" in m
+        assert (m["loss/entropy_kept_frac_out"] > 0) == (m["loss/truncated_frac"] < 1)
+
+
 def test_resume_after_clean_stop_is_exact(tiny_vl_dir, tmp_path):
     straight = tmp_path / "straight"
     Trainer(load_config(None, _rl_overrides(tiny_vl_dir, straight, 4, **{"trainer.save_steps": 2})), "rl").train()

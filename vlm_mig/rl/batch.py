@@ -81,8 +81,8 @@ class RLBatch:
     def loss_inputs(self, rows: list[int], device: torch.device, adv_out: torch.Tensor, adv_proc: torch.Tensor,
                     gate: torch.Tensor) -> LossInputs:
         """Rows ``rows`` as ``total_loss`` takes them, on ``device``: the masks, the given token advantages of those
-        rows, the old and reference log-probs, the SFT ``gate`` of the whole batch (sliced here), and which rows were
-        truncated (``Rollouts.truncated``)."""
+        rows, the old and reference log-probs, the SFT ``gate`` of the whole batch (sliced here), which rows were
+        truncated (``Rollouts.truncated``) and the sampler's log-probs of the tokens (``Rollouts.sampler_logp``)."""
         idx = torch.tensor(rows, dtype=torch.long)
 
         def on(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -91,4 +91,4 @@ class RLBatch:
         return LossInputs(m_full=on(self.m_full), m_cot=on(self.m_proc), adv_out=adv_out.to(device),
                           adv_proc=adv_proc.to(device), old_logp=on(self.old_logp), ref_logp=on(self.ref_logp),
                           acc=on(self.acc), fmt=on(self.fmt), r_proc=on(self.r_proc), gate=on(gate),
-                          truncated=on(self.rollouts.truncated))
+                          truncated=on(self.rollouts.truncated), sampler_logp=on(self.rollouts.sampler_logp))

@@ -323,7 +323,8 @@ def update(batch: RLBatch, learner: Learner, cfg: LossConfig, *, micro_batch_siz
         batch.m_proc = process_token_mask(batch.m_full, batch.m_cot, in_update.advantage.process_mask)
         micro_batch_size -= micro_batch_size % G
     gate = sft_gate(batch.acc, batch.fmt, batch.r_proc, gate_proc=cfg.sft_gate_proc, gates=cfg.sft_gates)
-    den = Denominators.from_batch(batch.m_proc, batch.m_full, gate, cfg, total=partial(sum_over_processes, dist))
+    den = Denominators.from_batch(batch.m_proc, batch.m_full, gate, cfg, total=partial(sum_over_processes, dist),
+                                  truncated=batch.rollouts.truncated)
     dev = learner.device
     batch.entropy = None
     first_pass = True
