@@ -192,6 +192,14 @@ def adapter_for(model_or_config: Any) -> TextAdapter:
     return TEXT
 
 
+def cache_keyword(module: Any) -> str:
+    """The keyword a model's (or decoder's) ``forward`` takes its key/value cache by: transformers 5.25 renamed
+    ``past_key_values`` to ``cache``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
 def is_multimodal(thing: Any) -> bool:
     """Whether a model, its config, a checkpoint (path or hub id) or its processor is vision-language: the one
     test every stage asks (a processor has an image processor; a model or config has an adapter that takes
@@ -207,4 +215,4 @@ def is_multimodal(thing: Any) -> bool:
 
 
 __all__ = ["ADAPTERS", "PROCESSORS", "QWEN_VL_ATOMIC_PAIRS", "Qwen25VLAdapter", "Qwen2VLAdapter", "TextAdapter",
-           "adapter_for", "base_model", "is_multimodal"]
+           "adapter_for", "base_model", "cache_keyword", "is_multimodal"]

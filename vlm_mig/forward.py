@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from vlm_mig.adapter import ADAPTERS, TEXT, adapter_for, is_multimodal
+from vlm_mig.adapter import ADAPTERS, TEXT, adapter_for, cache_keyword, is_multimodal
 from vlm_mig.mig import ANSWER_SCORES, MigOptions, answer_scores
 
 #: No tokens: the probe of a pass that scores completions only (no answer copies).
@@ -316,7 +316,7 @@ def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob
         from transformers import DynamicCache
 
         cache = DynamicCache(config=decoder.config)
-        kw = {_cache_arg(decoder): cache, "use_cache": True}
+        kw = {cache_keyword(decoder): cache, "use_cache": True}
         hidden = decoder(inputs_embeds=embeds[:, :W], attention_mask=mask[:, :, :W, :W], position_ids=pos[..., :W],
                          **kw).last_hidden_state
         with torch.no_grad():  # the copies' K and V join the cache, the completions' stay as the backward saved them
@@ -359,13 +359,6 @@ def packed_forward(model, rows: list[ScoreRow], probe_ids: torch.Tensor, logprob
         results.append(RowScores(l=best[answer_score], l_variants=by_score[answer_score], completion_logprobs=comp,
                                  l_by_score=best, completion_entropy=ent))
     return results
-
-
-def _cache_arg(decoder) -> str:
-    """The decoder's keyword for a key/value cache (transformers 5.25 renamed ``past_key_values`` to ``cache``)."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 def _caches_in_training(decoder) -> bool:

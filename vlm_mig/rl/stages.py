@@ -137,7 +137,7 @@ def step_scoring(batch: RLBatch, scorer: Scorer) -> StepScoring:
                        probe_ids=scorer.probe_ids, answer_score=m.answer_score)
 
 
-def put_step_scores(batch: RLBatch, rows: list[int], ls: list[torch.Tensor], m: MigConfig) -> None:
+def put_step_scores(batch: RLBatch, rows: list[int], ls: list[torch.Tensor], m: MigOptions) -> None:
     """Write the l_0..l_K of ``rows`` into the batch, with their watermark, gains and R_proc (the batch's step
     columns are laid out for every row's K on first use)."""
     if batch.l is None:

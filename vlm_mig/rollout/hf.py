@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessorList
 
-from vlm_mig.adapter import adapter_for, base_model
+from vlm_mig.adapter import adapter_for, base_model, cache_keyword
 from vlm_mig.data.schema import Sample
 from vlm_mig.processing import PromptBatch, PromptTemplate, encode_prompts
 from vlm_mig.rollout.base import (
@@ -61,6 +61,7 @@ class HFRolloutEngine(RolloutEngine):
                                cfg.max_pixels)
         G = cfg.num_generations
         sampling = cfg.temperature > 0
+        sampler = None  # only our seeded sampler reports log-probs (generate's own sampling and greedy do not)
         if sampling and seeds is not None:
             if len(seeds) != len(samples):
                 raise ValueError(f"{len(seeds)} seeds for {len(samples)} samples")
@@ -72,8 +73,6 @@ class HFRolloutEngine(RolloutEngine):
             decode = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
         else:
             decode = {"do_sample": False}
-        if not (sampling and seeds is not None):
-            sampler = None  # generate's own sampling reports no log-probs (nor does greedy decoding)
         decode.update(max_new_tokens=cfg.max_new_tokens, eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
         was_training = self.model.training
         self.model.eval()
@@ -118,7 +117,7 @@ def generate_groups(model: Any, batch: PromptBatch, times: int, decode: dict[str
     params = inspect.signature(base_model(model).forward).parameters
     if "logits_to_keep" in params:
         prefix["logits_to_keep"] = 1  # only the cache is wanted
-    cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.25
+    cache_arg = cache_keyword(base_model(model))
     out = model(**prefix, use_cache=True, return_dict=True)
     cache = out.get(cache_arg, None)
     del out
