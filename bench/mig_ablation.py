@@ -9,7 +9,7 @@ with the demo's GRPO and MIG runs of the same seed (a two-level bootstrap over s
 part of the process advantage that sits in groups whose outcomes are all equal (``adv/proc_share_equal_outcome``:
 where GRPO has no gradient), the sampled training accuracy at the start and the end, and the run mean of the
 metrics an option moves (``WATCHED``: policy entropy, truncated share, overlong penalty, rollout mismatch, kept
-entropy share).
+entropy share, dynamic sampling's draws and groups).
 
     python bench/mig_ablation.py --demo out/demo5 --seeds 3 \\
         --variant alpha0.5:loss.alpha=0.5 --variant matched:advantage.process_scale=match_outcome [--json out.json]
@@ -36,7 +36,9 @@ from _common import write_json  # noqa: E402
 #: Metrics an option moves, reported as their mean over each run's steps (absent ones are left out).
 WATCHED = ("policy/entropy", "policy/entropy_reasoning", "policy/entropy_answer", "loss/truncated_frac",
            "reward/overlong", "loss/rollout_logp_diff", "loss/rollout_kl", "loss/rollout_capped_frac",
-           "loss/entropy_kept_frac_out", "loss/seq_ratio_mean_out", "loss/clip_frac_out", "adv/zero_std_out")
+           "loss/entropy_kept_frac_out", "loss/seq_ratio_mean_out", "loss/clip_frac_out", "adv/zero_std_out",
+           "filter/draws", "filter/groups_drawn", "filter/groups_kept", "filter/groups_filled", "filter/groups_surplus",
+           "filter/dropped_solved", "filter/dropped_unsolved", "filter/dropped_flat", "filter/accuracy_drawn")
 
 
 def watched(runs: list[list[dict]]) -> dict[str, float]:

@@ -185,6 +185,8 @@ def test_unknown_key_in_a_file_names_the_file_and_the_key(tmp_path):
     ("loss.sft_gates=structural", "loss.sft_gates", "both, format, accuracy"),
     ("mig.records=some", "mig.records", "all, kept"),
     ("advantage.process_scale=double", "advantage.process_scale", "none, match_outcome"),
+    ("advantage.filter_groups=acc", "advantage.filter_groups", "none, outcome, total, outcome_and_process"),
+    ("advantage.filter_max_draws=0", "advantage.filter_max_draws", ">= 1"),
     ("data.teacher_error_rate=1.5", "data.teacher_error_rate", "in [0, 1]"),
     # non-finite numbers (YAML .inf / .nan) are never a setting, bounded or not
     ("optim.lr=.inf", "optim.lr", "finite"),

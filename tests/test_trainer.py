@@ -250,6 +250,71 @@ def test_the_loss_options_train_and_log_what_they_move(tiny_vl_dir, tmp_path, va
         assert (m["loss/entropy_kept_frac_out"] > 0) == (m["loss/truncated_frac"] < 1)
 
 
+#: a reward plug-in whose groups are flat (0) for prompts with an even gold count and otherwise score the parity of
+#: each completion's length (so they mostly spread): dynamic sampling then has groups to drop and groups to keep
+PARITY_REWARD = """
+def parity(prompts, completions, answer, completion_length, **kw):
+    return [float(n % 2) if int(a[0]) % 2 else 0.0 for a, n in zip(answer, completion_length)]
+"""
+
+
+def _dynamic_overrides(model_dir, out, steps, folder, **extra):
+    (folder / "parity_reward.py").write_text(PARITY_REWARD)
+    return _rl_overrides(model_dir, out, steps, **{
+        "reward.accuracy_weight": 0, "reward.format_weight": 0, "reward.plugins": "[parity_reward:parity]",
+        "advantage.filter_groups": "outcome", "advantage.filter_max_draws": 3, **extra})
+
+
+def _check_draws(out: Path, rank_files: list[str], prompts_per_step: int) -> list[dict]:
+    """The logged counts of dynamic sampling add up, every trained prompt was drawn that step, and the draws
+    recorded in the last checkpoint are the sum of the steps' draws."""
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    world = len(rank_files)
+    for m in rows:
+        f = {k.removeprefix("filter/"): v for k, v in m.items() if k.startswith("filter/")}
+        assert f["groups_kept"] + f["groups_filled"] == world * prompts_per_step
+        assert f["groups_drawn"] + f["prompts_unused"] == f["draws"] * world * prompts_per_step
+        dropped = f["dropped_solved"] + f["dropped_unsolved"] + f["dropped_flat"]
+        assert f["groups_drawn"] == f["groups_kept"] + f["groups_surplus"] + dropped and f["groups_filled"] <= dropped
+        assert 0 <= f["accuracy_drawn"] <= 1 and f["rollouts_drawn"] == 4 * f["groups_drawn"]  # G = 4
+    for name in rank_files:
+        for line in (out / name).read_text().splitlines():
+            rec = json.loads(line)
+            assert set(rec["ids"]) <= set(rec["drawn"]) and len(rec["ids"]) == prompts_per_step
+    state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
+    assert state["draws"] == sum(m["filter/draws"] for m in rows)
+    return rows
+
+
+def test_dynamic_sampling_drops_flat_groups_and_resumes_at_its_data_position(tiny_vl_dir, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    straight = tmp_path / "straight"
+    Trainer(load_config(None, _dynamic_overrides(tiny_vl_dir, straight, 4, tmp_path, **{"trainer.save_steps": 2})),
+            "rl").train()
+    rows = _check_draws(straight, ["prompts_rank0.jsonl"], 2)
+    assert sum(m["filter/draws"] for m in rows) > 4, "some step must draw more than once for this to test it"
+    assert sum(m["filter/groups_kept"] for m in rows) > 0
+    assert all(m["adv/zero_std_out"] == m["filter/groups_filled"] / 2 for m in rows)  # only filled groups are flat
+    split = tmp_path / "split"
+    Trainer(load_config(None, _dynamic_overrides(tiny_vl_dir, split, 2, tmp_path, **{"trainer.save_steps": 2})),
+            "rl").train()
+    resumed = Trainer(load_config(None, _dynamic_overrides(tiny_vl_dir, split, 4, tmp_path, **{
+        "trainer.save_steps": 2})), "rl", resume=True)
+    assert resumed.draws == sum(m["filter/draws"] for m in rows[:2]) and resumed.draws > resumed.step
+    resumed.train()
+    _assert_same(_weights(straight / "checkpoint-4"), _weights(split / "checkpoint-4"))
+    assert (split / "prompts_rank0.jsonl").read_text() == (straight / "prompts_rank0.jsonl").read_text()
+    # A filter that reads R_proc needs a run that scores it, and keeps the l_k out of the update's forward.
+    with pytest.raises(ConfigError, match="advantage.filter_groups: total reads R_proc"):
+        Trainer(load_config(None, _dynamic_overrides(tiny_vl_dir, tmp_path / "grpo", 1, tmp_path, **{
+            "advantage.filter_groups": "total", "loss.alpha": 0, "loss.gamma": 0})), "rl")
+    from vlm_mig.rl import stages
+
+    cfg = load_config(None, _dynamic_overrides(tiny_vl_dir, tmp_path / "x", 1, tmp_path, **{
+        "advantage.filter_groups": "outcome_and_process"}))
+    assert "filter_groups: outcome_and_process reads R_proc" in stages.in_update_blocker(cfg)
+
+
 def test_resume_after_clean_stop_is_exact(tiny_vl_dir, tmp_path):
     straight = tmp_path / "straight"
     Trainer(load_config(None, _rl_overrides(tiny_vl_dir, straight, 4, **{"trainer.save_steps": 2})), "rl").train()
@@ -348,6 +413,33 @@ def test_two_processes_share_the_batch_std_of_step_credit(sft_vl_dir, tmp_path):
         "advantage.process_credit": "step", "advantage.scale": "batch", "rollout.max_new_tokens": 40,
         "loss.beta": 0, "loss.gamma": 0})
     assert any(r["loss/pg_proc"] != 0 for r in rows), "the process term must carry a gradient for this to test it"
+
+
+def test_dynamic_sampling_on_two_processes_draws_alike_and_resumes(sft_vl_dir, tmp_path):
+    """Each process fills its own batch with the same number of draws; a 2-process run resumed from its first
+    checkpoint ends on the same weights. The filter reads R_proc (each draw scored, then joined)."""
+    def launch(out, *args):
+        over = _dynamic_overrides(sft_vl_dir, out, 2, tmp_path, **{
+            "trainer.prompts_per_step": 1, "loss.kl_coef": 0, "trainer.save_steps": 1, "trainer.save_total_limit": 2,
+            "advantage.filter_groups": "outcome_and_process", "rollout.max_new_tokens": 40})
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vlm_mig.cli",
+               "train", *args, *over]
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    straight = tmp_path / "straight"
+    launch(straight)
+    rows = _check_draws(straight, ["prompts_rank0.jsonl", "prompts_rank1.jsonl"], 1)
+    assert sum(m["filter/draws"] for m in rows) > 2, "some step must draw more than once for this to test it"
+    drawn = [[json.loads(x)["drawn"] for x in (straight / f"prompts_rank{r}.jsonl").read_text().splitlines()]
+             for r in (0, 1)]
+    assert all(not set(a) & set(b) for a, b in zip(*drawn)), "the processes draw different prompts"
+    resumed = tmp_path / "resumed"
+    launch(resumed, "--resume-from", str(straight / "checkpoint-1"))
+    _assert_same(_weights(straight / "checkpoint-2"), _weights(resumed / "checkpoint-2"))
 
 
 def test_visual_evidence_noise_floor_and_ablations_are_wired(sft_vl_dir, tmp_path):

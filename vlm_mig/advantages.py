@@ -29,12 +29,14 @@ __all__ = [
     "SCALES",
     "AdvantageConfig",
     "Advantages",
+    "GROUP_FILTERS",
     "Normalized",
     "PROCESS_ESTIMATORS",
     "PROCESS_MASKS",
     "PROCESS_SCALES",
     "compute_advantages",
     "equal_outcome_share",
+    "flat_groups",
     "group_normalize",
     "normalize",
     "process_token_mask",
@@ -55,6 +57,8 @@ PROCESS_CREDITS = ("trajectory", "step")
 PROCESS_MASKS = ("cot", "full")
 #: How the process advantage is scaled against the outcome advantage after normalisation.
 PROCESS_SCALES = ("none", "match_outcome")
+#: Dynamic sampling: which signal must spread within a group for the group to be trained on (``flat_groups``).
+GROUP_FILTERS = ("none", "outcome", "total", "outcome_and_process")
 
 
 @dataclass
@@ -69,6 +73,11 @@ class AdvantageConfig:
     #: "match_outcome": the process token advantages are rescaled so their root mean square over the batch equals
     #: the outcome advantage's; "none": as normalised (SPEC)
     process_scale: str = choice("none", PROCESS_SCALES)
+    #: dynamic sampling (SPEC 4.1): drop groups whose chosen signal does not spread and draw more prompts until the
+    #: step has its batch; "outcome": R_out; "total": R_out + R_proc; "outcome_and_process": R_out and R_proc both
+    filter_groups: str = choice("none", GROUP_FILTERS)
+    #: draws of ``prompts_per_step`` prompts a step may make under ``filter_groups``; then it trains on what it has
+    filter_max_draws: int = bounded(4, ge=1)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -405,3 +414,35 @@ def within_group_credit(
         "corr_groups": float(varies.sum()),
         "corr": float(corr[varies].mean()) if bool(varies.any()) else float("nan"),
     }
+
+
+def flat_groups(r_out: torch.Tensor, r_proc: torch.Tensor | None, group_size: int, signal: str,
+                min_spread: float) -> torch.Tensor:
+    """[B] bool: the groups whose ``signal`` does not spread, the ones dynamic sampling drops (SPEC 4.1).
+
+    ``outcome``: R_out all equal (the outcome advantage is 0: GRPO's zero-std groups, DAPO's filter);
+    ``outcome_and_process``: that, and R_proc spreading over less than ``min_spread`` (its advantage is 0 too:
+    neither term has a gradient); ``total``: R_out + R_proc, one summed reward per rollout, spreading over less
+    than ``min_spread`` (a process reward folded into the score, as frameworks that filter on a summed score do);
+    ``none``: no group. Spreads are max - min, the quantity the normalisers compare with ``min_spread``.
+    ``r_proc`` may be None for ``none`` and ``outcome``."""
+    if signal not in GROUP_FILTERS:
+        raise ValueError(f"filter_groups must be one of {GROUP_FILTERS}, got {signal!r}")
+    n_groups = _check_groups(r_out.numel(), group_size)
+
+    def spread(values: torch.Tensor) -> torch.Tensor:
+        v = values.float().reshape(n_groups, group_size)
+        return v.amax(-1) - v.amin(-1)
+
+    if signal == "none":
+        return torch.zeros(n_groups, dtype=torch.bool)
+    flat_out = spread(r_out) <= 0
+    if signal == "outcome":
+        return flat_out
+    if r_proc is None:
+        raise ValueError(f"filter_groups {signal!r} reads R_proc: score the groups first")
+    if signal == "outcome_and_process":
+        proc = spread(r_proc)
+        return flat_out & ((proc <= 0) | (proc < min_spread))
+    total = spread(r_out.float() + r_proc.float())
+    return (total <= 0) | (total < min_spread)

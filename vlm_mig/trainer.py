@@ -9,9 +9,12 @@ each micro-batch's advantages are computed there, so MIG adds only the probe cop
 The trainer holds the state (models, optimizer, data order, checkpoints, logs) and is the update's ``Learner``;
 every formula lives in the pure modules (``steps``, ``mig``, ``rewards``, ``advantages``, ``losses``).
 
-Determinism: prompts of step ``s`` are a fixed slice of a seeded permutation, and each rollout is sampled
+Determinism: the prompts of draw ``d`` are a fixed slice of a seeded permutation, and each rollout is sampled
 from its own seeded stream (``rollout.sampling``), so a run with 2 processes equals a 1-process run with
-the same global batch, and a resumed run equals an uninterrupted one.
+the same global batch, and a resumed run equals an uninterrupted one. A step makes one draw, or with
+``advantage.filter_groups`` (dynamic sampling, ``rl.dynamic``) as many as it needs; the checkpoint keeps the
+count of draws made (the data position), and each process then fills its own batch, so with a filter runs on
+different numbers of processes select different groups (each still resumes exactly).
 """
 
 from __future__ import annotations
@@ -43,9 +46,12 @@ from vlm_mig.processing import PromptBatch, PromptTemplate, encode_prompts, toke
 from vlm_mig.prompts import SYSTEM_PROMPT, format_solution
 from vlm_mig.rewards import RewardSpec
 from vlm_mig.rl import stages
+from vlm_mig.rl.batch import RLBatch
 from vlm_mig.rl.collective import sum_over_processes
+from vlm_mig.rl.dynamic import Draws, fill_batch
 from vlm_mig.rl.metrics import step_metrics
 from vlm_mig.rollout import Rollouts, make_engine, select_prompts
+from vlm_mig.rollout.base import eos_and_pad
 from vlm_mig.rollout.sampling import rollout_seed
 from vlm_mig.runlog import RunLog
 from vlm_mig.steps import StepConfig
@@ -120,6 +126,10 @@ class Trainer:
             if cfg.rollout.num_generations < 2:
                 raise ConfigError(f"rollout.num_generations: RL needs groups of at least 2 completions (each "
                                   f"advantage is measured against its group), got {cfg.rollout.num_generations}")
+            if stages.filter_reads_process(cfg.advantage.filter_groups) and not stages.needs_step_scores(cfg):
+                raise ConfigError(f"advantage.filter_groups: {cfg.advantage.filter_groups} reads R_proc, which this "
+                                  "run does not score (loss.alpha = 0 and nothing else needs step scores); use "
+                                  "outcome, or give the process term a weight")
             if cfg.reward.overlong_buffer > cfg.rollout.max_new_tokens:
                 raise ConfigError(f"reward.overlong_buffer: {cfg.reward.overlong_buffer} is longer than "
                                   f"rollout.max_new_tokens ({cfg.rollout.max_new_tokens}), so every completion "
@@ -185,6 +195,7 @@ class Trainer:
         self.policy, self.optimizer, self.scheduler = self.acc.prepare(PolicyForward(model, temperature),
                                                                        self.optimizer, self.scheduler)
         self.step = 0
+        self.draws = 0  # the data position: draws of prompts made so far (one per step without a group filter)
         if resume_from is not None:
             if self.deepspeed:
                 self.policy.load_checkpoint(str(resume_from / "deepspeed"), tag="state", load_module_strict=False)
@@ -192,6 +203,7 @@ class Trainer:
             else:
                 state = ckpt.load_trainer_state(resume_from, self.optimizer, self.scheduler)
             self.step = state["step"]
+            self.draws = state.get("draws", self.step)
             ckpt.load_rng(resume_from, self.acc.process_index)
             logger.info("resumed from %s at step %d", resume_from, self.step)
 
@@ -355,19 +367,21 @@ class Trainer:
         )
 
     # ----------------------------------------------------------------------------------------------
-    # Data order: step s uses a fixed slice of a seeded permutation (per epoch), split across processes
+    # Data order: draw d uses a fixed slice of a seeded permutation (per epoch), split across processes
 
-    def batch_for(self, step: int, per_process: int) -> tuple[list[Sample], list[int]]:
+    def batch_for(self, draw: int, per_process: int) -> tuple[list[Sample], list[int]]:
+        """This process's ``per_process`` samples of draw ``draw`` (the step's index when each step draws once),
+        and the rollout seed of each."""
         world, rank = self.acc.num_processes, self.acc.process_index
         n = len(self.train_data)
         if n == 0:
             raise DataError("the training set is empty")
-        start = (step * world + rank) * per_process
+        start = (draw * world + rank) * per_process
         out, seeds = [], []
         for g in range(start, start + per_process):
             epoch, pos = divmod(g, n)
             out.append(self.train_data[self._epoch_order(epoch, n)[pos]])
-            seeds.append(rollout_seed(self.cfg.trainer.seed, step, g))
+            seeds.append(rollout_seed(self.cfg.trainer.seed, draw, g))
         return out, seeds
 
     def _epoch_order(self, epoch: int, n: int) -> list[int]:
@@ -410,14 +424,7 @@ class Trainer:
 
     def rl_step(self) -> dict[str, float]:
         cfg, clock = self.cfg, StageClock()
-        samples, seeds = self.batch_for(self.step, cfg.trainer.prompts_per_step)
-        with clock("generate"), self.acc.autocast():
-            batch = stages.rollout(self.engine, samples, seeds)
-        with clock("rewards"):
-            stages.segment(batch, self.tok, self.step_cfg)
-            stages.reward(batch, self.reward_specs)
-        with clock("score"), self.acc.autocast():
-            stages.score(batch, self.scorer)
+        batch, draws, drawn = self._scored_batch(clock)
         in_update = None
         if self.scorer.in_update:  # the update's forward scores the l_k; its micro-batches make the advantages
             in_update = stages.InUpdate(stages.step_scoring(batch, self.scorer), cfg.mig, cfg.advantage)
@@ -430,15 +437,51 @@ class Trainer:
             self.engine.sync_weights(self.model)  # the next rollouts sample from the updated policy
         metrics = step_metrics(batch, upd, clock.times, float(self.scheduler.get_last_lr()[0]),
                                cfg.trainer.num_iterations)
+        if draws is not None:
+            metrics.update(draws.metrics())
         metrics = self._reduce_metrics(metrics)
-        self._record_prompts(samples)  # once the step has run: a killed step leaves no line
+        self._record_prompts(batch.rollouts.samples, drawn)  # once the step has run: a killed step leaves no line
         if self.is_main and cfg.trainer.sample_log_steps and self.step % cfg.trainer.sample_log_steps == 0:
             self.log.samples(self.step + 1, batch)
         return metrics
 
+    def _scored_batch(self, clock: StageClock) -> tuple[RLBatch, Draws | None, list[Sample] | None]:
+        """The step's batch through the rollout, segment, reward and score stages, from one draw, or with
+        ``advantage.filter_groups`` from as many as dynamic sampling needs (``rl.dynamic``); the data position moves
+        by the draws made. Also returns what dynamic sampling did and the samples it drew (None without it)."""
+        cfg = self.cfg
+        signal = cfg.advantage.filter_groups
+        score_each_draw = stages.filter_reads_process(signal)  # the filter reads R_proc
+        drawn: list[Sample] = []
+
+        def draw(i: int) -> RLBatch:
+            samples, seeds = self.batch_for(self.draws + i, cfg.trainer.prompts_per_step)
+            drawn.extend(samples)
+            with clock("generate"), self.acc.autocast():
+                batch = stages.rollout(self.engine, samples, seeds)
+            with clock("rewards"):
+                stages.segment(batch, self.tok, self.step_cfg)
+                stages.reward(batch, self.reward_specs)
+            if score_each_draw:
+                with clock("score"), self.acc.autocast():
+                    stages.score(batch, self.scorer)
+            return batch
+
+        if signal == "none":
+            batch, draws = draw(0), None
+        else:
+            batch, draws = fill_batch(draw, cfg.trainer.prompts_per_step, signal, cfg.advantage.filter_max_draws,
+                                      cfg.mig.min_spread, self.acc, eos_and_pad(self.model, self.processor)[1])
+        self.draws += draws.draws if draws else 1
+        if not score_each_draw:
+            with clock("score"), self.acc.autocast():
+                stages.score(batch, self.scorer)
+        return batch, draws, drawn if draws else None
+
     def sft_step(self) -> dict[str, float]:
         cfg, dev = self.cfg, self.acc.device
-        samples, _ = self.batch_for(self.step, cfg.trainer.sft_batch_size)
+        samples, _ = self.batch_for(self.draws, cfg.trainer.sft_batch_size)
+        self.draws += 1
         t0 = time.perf_counter()
         prompts = self.sft_prompts(samples)
         eos = self.tok.eos_token or ""
@@ -489,10 +532,14 @@ class Trainer:
                 self._prompt_cache[s.id] = piece.to("cpu")
         return [self._prompt_cache[s.id] for s in samples]
 
-    def _record_prompts(self, samples: list[Sample]) -> None:
-        """Which prompts this process trained on at this step (``prompts_rank{r}.jsonl``)."""
+    def _record_prompts(self, samples: list[Sample], drawn: list[Sample] | None = None) -> None:
+        """Which prompts this process trained on at this step (``prompts_rank{r}.jsonl``), and under dynamic
+        sampling which it drew (generated), kept or not."""
+        line = {"step": self.step + 1, "ids": [s.id for s in samples]}
+        if drawn is not None:
+            line["drawn"] = [s.id for s in drawn]
         with open(self.out / f"prompts_rank{self.acc.process_index}.jsonl", "a") as f:
-            f.write(json.dumps({"step": self.step + 1, "ids": [s.id for s in samples]}) + "\n")
+            f.write(json.dumps(line) + "\n")
 
     # The update stage's Learner: the policy's passes, the backward and the optimizer step
 
@@ -598,7 +645,8 @@ class Trainer:
         self.acc.wait_for_everyone()
         final = None
         if self.is_main:
-            state = {"step": self.step, "data_position": self.step * self.acc.num_processes *
+            state = {"step": self.step, "draws": self.draws,
+                     "data_position": self.draws * self.acc.num_processes *
                      (cfg.prompts_per_step if self.mode == "rl" else cfg.sft_batch_size),
                      "mode": self.mode, "base_model": self.base_path, "num_processes": self.acc.num_processes}
             if self.deepspeed:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
+import torch.nn.functional as F
 
 from vlm_mig.advantages import Advantages
 from vlm_mig.data.schema import Sample
@@ -35,7 +36,7 @@ class RLBatch:
 
     l: torch.Tensor | None = None  #: score: [N, K_max + 1] l_0..l_K, 0 past each row's K (None: not scored)
     gains: torch.Tensor | None = None  #: score: [N, K_max] g_1..g_K ([N, 0] when not scored)
-    watermark: torch.Tensor | None = None  #: score: [N, K_max + 1] the watermark the gains were read from
+    watermark: torch.Tensor | None = None  #: score: [N, K_max + 1] the watermark the gains were read from, 0 past K
     r_proc: torch.Tensor | None = None  #: score: [N] R_proc (0 when not scored)
     l0_blind: list[float | None] = field(default_factory=list)  #: score: l_0 with the images removed (None: not)
     old_logp: torch.Tensor | None = None  #: score: [N, T] log pi_old (None: the update's own detached pass)
@@ -47,6 +48,38 @@ class RLBatch:
     #: update: [N, T] the policy's entropy at each completion position (rollout temperature, the first pass's,
     #: detached), 0 on padding (None: the learner computed none)
     entropy: torch.Tensor | None = None
+
+    @classmethod
+    def of_groups(cls, parts: list[tuple[RLBatch, list[int]]], pad_id: int) -> RLBatch:
+        """One batch of the groups ``groups`` of each part, in that order, with every field the parts have filled
+        (dynamic sampling: the kept groups of several draws, after reward and, where the filter reads R_proc,
+        score). Per-token fields are re-padded to the widest completion, step fields to the most steps (0, False:
+        what the stages write on padding). Fields of the later stages (advantages, update) must still be empty."""
+        rows = [torch.tensor(b.rollouts.rows_of(groups), dtype=torch.long) for b, groups in parts]
+
+        def pick(lists: list[list]) -> list:  # the chosen rows of each part's list, in order
+            return [v[i] for v, idx in zip(lists, rows) for i in idx.tolist()]
+
+        out = cls(rollouts=Rollouts.of_groups([(b.rollouts, groups) for b, groups in parts], pad_id))
+        for f in fields(cls):
+            values = [getattr(b, f.name) for b, _ in parts]
+            if f.name == "rollouts" or all(v is None or (isinstance(v, list) and not v) for v in values):
+                continue
+            if f.name in ("adv", "m_proc", "entropy"):
+                raise ValueError(f"RLBatch.of_groups: {f.name} is filled; join the batches before the advantages")
+            if any(v is None for v in values):
+                raise ValueError(f"RLBatch.of_groups: {f.name} is filled in some parts and not in others")
+            if f.name == "rewards":
+                value = Rewards(total=pick([v.total for v in values]),
+                                components={k: pick([v.components[k] for v in values]) for k in values[0].components})
+            elif isinstance(values[0], list):
+                value = pick(values)
+            else:  # [N] or [N, columns]: columns padded to the widest part
+                width = max(v.shape[1] for v in values) if values[0].dim() == 2 else 0
+                value = torch.cat([F.pad(v[idx], (0, width - v.shape[1])) if v.dim() == 2 else v[idx]
+                                   for v, idx in zip(values, rows)])
+            setattr(out, f.name, value)
+        return out
 
     @property
     def n(self) -> int:

@@ -99,6 +99,12 @@ def needs_step_scores(cfg: Config) -> bool:
             or cfg.mig.visual_evidence)
 
 
+def filter_reads_process(signal: str) -> bool:
+    """Whether dynamic sampling's ``advantage.filter_groups`` reads R_proc: then each draw is scored before the
+    filter (the score stage's own pass), and the update cannot be where the l_k are scored."""
+    return signal in ("total", "outcome_and_process")
+
+
 def in_update_blocker(cfg: Config) -> str | None:
     """Why the update cannot score the l_k in its own forward pass (None: it can, and does). Each reason is a
     quantity the first micro-batch's loss needs from rows it does not hold."""
@@ -112,6 +118,8 @@ def in_update_blocker(cfg: Config) -> str | None:
         return "advantage.process_scale: match_outcome rescales by sums over the whole batch"
     if cfg.loss.sft_gate_proc:
         return "loss.sft_gate_proc: the SFT term divides by the gated count of the whole batch"
+    if filter_reads_process(cfg.advantage.filter_groups):
+        return f"advantage.filter_groups: {cfg.advantage.filter_groups} reads R_proc to choose the batch's groups"
     if cfg.trainer.micro_batch_size < cfg.rollout.num_generations:
         return "trainer.micro_batch_size is smaller than a group (rollout.num_generations)"
     return None
@@ -149,7 +157,8 @@ def put_step_scores(batch: RLBatch, rows: list[int], ls: list[torch.Tensor], m: 
     l, valid = pad_scores(ls, batch.l.shape[1])
     batch.l[idx] = l
     batch.gains[idx] = step_gains(l, valid, use_watermark=m.watermark, min_gain=m.min_gain, records=m.records)
-    batch.watermark[idx] = credited_watermark(l, valid, m.min_gain, m.records) if m.watermark else l
+    wm = credited_watermark(l, valid, m.min_gain, m.records) if m.watermark else l
+    batch.watermark[idx] = torch.where(valid, wm, 0.0)  # 0 past each row's K, as l
     batch.r_proc[idx] = batch.gains[idx].sum(-1)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from vlm_mig.data.schema import Sample
 from vlm_mig.fields import bounded, check_fields, choice
@@ -106,6 +107,46 @@ class Rollouts:
 
     def sample_of(self, row: int) -> Sample:
         return self.samples[int(self.group[row])]
+
+    def rows_of(self, groups: list[int]) -> list[int]:
+        """The rows of prompts ``groups``, group by group in that order."""
+        G = self.num_generations
+        return [g * G + j for g in groups for j in range(G)]
+
+    @classmethod
+    def of_groups(cls, parts: list[tuple[Rollouts, list[int]]], pad_id: int) -> Rollouts:
+        """One ``Rollouts`` of the groups ``groups`` of each part, in that order (dynamic sampling's batch of kept
+        groups from several draws): prompts re-padded on the left with their images, completions re-padded on the
+        right to the widest (``pad_id``, mask 0, sampler log-prob 0). The parts must share G and the stop tokens."""
+        if not parts:
+            raise ValueError("Rollouts.of_groups needs at least one part")
+        G, eos = parts[0][0].num_generations, parts[0][0].eos_ids
+        if any(r.num_generations != G or r.eos_ids != eos for r, _ in parts):
+            raise ValueError("Rollouts.of_groups: the parts differ in group size or stop tokens")
+        rows = [r.rows_of(groups) for r, groups in parts]
+        width = max(r.completion_ids.shape[1] for r, _ in parts)
+
+        def cat_rows(name: str, value: float) -> torch.Tensor:
+            return torch.cat([F.pad(getattr(r, name)[idx], (0, width - r.completion_ids.shape[1]), value=value)
+                              for (r, _), idx in zip(parts, rows)])
+
+        prompts = concat_prompts([select_prompts(r.prompts, groups) for r, groups in parts], pad_id)
+        logged = [r.sampler_logp is not None for r, _ in parts]
+        if any(logged) and not all(logged):
+            raise ValueError("Rollouts.of_groups: some parts carry the sampler's log-probs and some do not")
+        n = prompts.input_ids.shape[0]
+        return cls(
+            samples=[r.samples[g] for r, groups in parts for g in groups],
+            prompts=prompts,
+            group=torch.arange(n).repeat_interleave(G),
+            prompt_ids=prompts.input_ids.cpu().repeat_interleave(G, dim=0),
+            prompt_mask=prompts.attention_mask.cpu().repeat_interleave(G, dim=0),
+            completion_ids=cat_rows("completion_ids", pad_id),
+            completion_mask=cat_rows("completion_mask", 0),
+            texts=[r.texts[i] for (r, _), idx in zip(parts, rows) for i in idx],
+            eos_ids=eos,
+            sampler_logp=cat_rows("sampler_logp", 0.0) if all(logged) else None,
+        )
 
 
 class RolloutEngine(ABC):
@@ -228,4 +269,33 @@ def select_prompts(batch: PromptBatch, rows: list[int]) -> PromptBatch:
         image_grid_thw=grid,
         images_per_sample=[batch.images_per_sample[r] for r in rows] if batch.images_per_sample else [],
         image_patches=[batch.image_patches[j] for j in image_rows] if batch.pixel_values is not None else [],
+    )
+
+
+def concat_prompts(batches: list[PromptBatch], pad_id: int) -> PromptBatch:
+    """The rows of ``batches`` in order as one batch, each re-padded on the left (``pad_id``, mask 0, text
+    modality) to the longest prompt, with their images."""
+    length = max(b.input_ids.shape[1] for b in batches)
+
+    def left(t: torch.Tensor, value: int) -> torch.Tensor:
+        return F.pad(t, (length - t.shape[1], 0), value=value)
+
+    def every(name: str) -> bool:  # each batch has the field, or none has it
+        present = [getattr(b, name) is not None for b in batches]
+        if any(present) and not all(present):
+            raise ValueError(f"concat_prompts: some batches have {name} and some do not")
+        return all(present)
+
+    with_images = every("pixel_values")
+    return PromptBatch(
+        input_ids=torch.cat([left(b.input_ids, pad_id) for b in batches]),
+        attention_mask=torch.cat([left(b.attention_mask, 0) for b in batches]),
+        sample_ids=[s for b in batches for s in b.sample_ids],
+        texts=[t for b in batches for t in b.texts],
+        mm_token_type_ids=(torch.cat([left(b.mm_token_type_ids, 0) for b in batches])
+                           if every("mm_token_type_ids") else None),
+        pixel_values=torch.cat([b.pixel_values for b in batches]) if with_images else None,
+        image_grid_thw=torch.cat([b.image_grid_thw for b in batches]) if with_images else None,
+        images_per_sample=[n for b in batches for n in b.images_per_sample],
+        image_patches=[n for b in batches for n in b.image_patches],
     )
