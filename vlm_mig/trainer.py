@@ -472,6 +472,10 @@ class Trainer:
         else:
             batch, draws = fill_batch(draw, cfg.trainer.prompts_per_step, signal, cfg.advantage.filter_max_draws,
                                       cfg.mig.min_spread, self.acc, eos_and_pad(self.model, self.processor)[1])
+            if draws.groups_filled and self.is_main:
+                logger.warning("step %d: %d draws gave %d of %d groups whose %s spreads; training on %d flat ones too "
+                               "(advantage.filter_max_draws)", self.step + 1, draws.draws, draws.groups_kept,
+                               draws.groups_kept + draws.groups_filled, signal, draws.groups_filled)
         self.draws += draws.draws if draws else 1
         if not score_each_draw:
             with clock("score"), self.acc.autocast():
