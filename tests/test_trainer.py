@@ -434,6 +434,7 @@ def test_dynamic_sampling_on_two_processes_draws_alike_and_resumes(sft_vl_dir, t
     launch(straight)
     rows = _check_draws(straight, ["prompts_rank0.jsonl", "prompts_rank1.jsonl"], 1)
     assert sum(m["filter/draws"] for m in rows) > 2, "some step must draw more than once for this to test it"
+    assert any(m["filter/prompts_unused"] for m in rows), "a full process must wait on a short one to test that"
     drawn = [[json.loads(x)["drawn"] for x in (straight / f"prompts_rank{r}.jsonl").read_text().splitlines()]
              for r in (0, 1)]
     assert all(not set(a) & set(b) for a, b in zip(*drawn)), "the processes draw different prompts"
