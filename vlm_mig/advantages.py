@@ -181,12 +181,17 @@ def step_normalize(
     return _masked_group_normalize(step_gains, step_mask.bool(), group_size, scale, eps, min_spread)
 
 
+def _flat(values: torch.Tensor, group_size: int, min_spread: float = 0.0) -> torch.Tensor:
+    """[groups] bool: the group's values are all equal, or spread (max - min) over less than ``min_spread``."""
+    v = values.float().reshape(_check_groups(values.numel(), group_size), group_size)
+    spread = v.amax(-1) - v.amin(-1)
+    return (spread <= 0) | (spread < min_spread)
+
+
 def zero_std_fraction(rewards: torch.Tensor, group_size: int, min_spread: float = 0.0) -> float:
     """Fraction of groups whose rewards are all equal, or spread over less than ``min_spread`` (they carry
     no GRPO signal); a logged metric."""
-    rg = rewards.reshape(_check_groups(rewards.numel(), group_size), group_size)
-    spread = rg.amax(-1) - rg.amin(-1)
-    return float(((spread <= 0) | (spread < min_spread)).float().mean())
+    return float(_flat(rewards, group_size, min_spread).float().mean())
 
 
 def process_token_mask(m_full: torch.Tensor, m_cot: torch.Tensor,
@@ -428,21 +433,13 @@ def flat_groups(r_out: torch.Tensor, r_proc: torch.Tensor | None, group_size: in
     ``r_proc`` may be None for ``none`` and ``outcome``."""
     if signal not in GROUP_FILTERS:
         raise ValueError(f"filter_groups must be one of {GROUP_FILTERS}, got {signal!r}")
-    n_groups = _check_groups(r_out.numel(), group_size)
-
-    def spread(values: torch.Tensor) -> torch.Tensor:
-        v = values.float().reshape(n_groups, group_size)
-        return v.amax(-1) - v.amin(-1)
-
     if signal == "none":
-        return torch.zeros(n_groups, dtype=torch.bool)
-    flat_out = spread(r_out) <= 0
+        return torch.zeros(_check_groups(r_out.numel(), group_size), dtype=torch.bool)
+    flat_out = _flat(r_out, group_size)
     if signal == "outcome":
         return flat_out
     if r_proc is None:
         raise ValueError(f"filter_groups {signal!r} reads R_proc: score the groups first")
     if signal == "outcome_and_process":
-        proc = spread(r_proc)
-        return flat_out & ((proc <= 0) | (proc < min_spread))
-    total = spread(r_out.float() + r_proc.float())
-    return (total <= 0) | (total < min_spread)
+        return flat_out & _flat(r_proc, group_size, min_spread)
+    return _flat(r_out.float() + r_proc.float(), group_size, min_spread)

@@ -108,6 +108,19 @@ class Rollouts:
     def sample_of(self, row: int) -> Sample:
         return self.samples[int(self.group[row])]
 
+    @classmethod
+    def grouped(cls, samples: list[Sample], prompts: PromptBatch, completion_ids: torch.Tensor,
+                completion_mask: torch.Tensor, texts: list[str], eos_ids: tuple[int, ...] = (),
+                sampler_logp: torch.Tensor | None = None) -> Rollouts:
+        """Rows ``g*G .. g*G+G-1`` of the completions belong to prompt ``g`` of ``prompts`` (G = rows / prompts):
+        the group index and the prompt rows repeated G times are laid out here, once for every maker."""
+        G = completion_ids.shape[0] // max(1, len(samples))
+        return cls(samples=list(samples), prompts=prompts, group=torch.arange(len(samples)).repeat_interleave(G),
+                   prompt_ids=prompts.input_ids.cpu().repeat_interleave(G, dim=0),
+                   prompt_mask=prompts.attention_mask.cpu().repeat_interleave(G, dim=0),
+                   completion_ids=completion_ids, completion_mask=completion_mask, texts=list(texts),
+                   eos_ids=tuple(eos_ids), sampler_logp=sampler_logp)
+
     def rows_of(self, groups: list[int]) -> list[int]:
         """The rows of prompts ``groups``, group by group in that order."""
         G = self.num_generations
@@ -130,22 +143,15 @@ class Rollouts:
             return torch.cat([F.pad(getattr(r, name)[idx], (0, width - r.completion_ids.shape[1]), value=value)
                               for (r, _), idx in zip(parts, rows)])
 
-        prompts = concat_prompts([select_prompts(r.prompts, groups) for r, groups in parts], pad_id)
-        logged = [r.sampler_logp is not None for r, _ in parts]
-        if any(logged) and not all(logged):
-            raise ValueError("Rollouts.of_groups: some parts carry the sampler's log-probs and some do not")
-        n = prompts.input_ids.shape[0]
-        return cls(
+        return cls.grouped(
             samples=[r.samples[g] for r, groups in parts for g in groups],
-            prompts=prompts,
-            group=torch.arange(n).repeat_interleave(G),
-            prompt_ids=prompts.input_ids.cpu().repeat_interleave(G, dim=0),
-            prompt_mask=prompts.attention_mask.cpu().repeat_interleave(G, dim=0),
+            prompts=concat_prompts([select_prompts(r.prompts, groups) for r, groups in parts], pad_id),
             completion_ids=cat_rows("completion_ids", pad_id),
             completion_mask=cat_rows("completion_mask", 0),
             texts=[r.texts[i] for (r, _), idx in zip(parts, rows) for i in idx],
             eos_ids=eos,
-            sampler_logp=cat_rows("sampler_logp", 0.0) if all(logged) else None,
+            sampler_logp=(cat_rows("sampler_logp", 0.0)
+                          if all_or_none([r for r, _ in parts], "sampler_logp", "Rollouts.of_groups") else None),
         )
 
 
@@ -203,20 +209,9 @@ def assemble_rollouts(processor: Any, samples: list[Sample], batch: PromptBatch,
     completion = completion.masked_fill(mask == 0, pad_id)
     texts = tokenizer_of(processor).batch_decode([c[m.bool()] for c, m in zip(completion, mask)],
                                                   skip_special_tokens=True)
-    G = completion.shape[0] // max(1, len(samples))
-    rollouts = Rollouts(
-        samples=list(samples),
-        prompts=batch,
-        group=torch.arange(len(samples)).repeat_interleave(G),
-        prompt_ids=batch.input_ids.cpu().repeat_interleave(G, dim=0),
-        prompt_mask=batch.attention_mask.cpu().repeat_interleave(G, dim=0),
-        completion_ids=completion,
-        completion_mask=mask,
-        texts=texts,
-        eos_ids=tuple(eos_ids),
-        sampler_logp=None if sampler_logp is None else sampler_logp.float().cpu().masked_fill(mask == 0, 0.0),
-    )
-    return rollouts
+    return Rollouts.grouped(
+        samples, batch, completion, mask, texts, eos_ids=tuple(eos_ids),
+        sampler_logp=None if sampler_logp is None else sampler_logp.float().cpu().masked_fill(mask == 0, 0.0))
 
 
 def given_rollouts(samples: list[Sample], prompts: PromptBatch, completions: list[torch.Tensor], texts: list[str],
@@ -228,9 +223,7 @@ def given_rollouts(samples: list[Sample], prompts: PromptBatch, completions: lis
     mask = torch.zeros(len(completions), width, dtype=torch.long)
     for i, c in enumerate(completions):
         ids[i, : c.numel()], mask[i, : c.numel()] = c, 1
-    return Rollouts(samples=list(samples), prompts=prompts, group=torch.arange(len(samples)),
-                    prompt_ids=prompts.input_ids.cpu(), prompt_mask=prompts.attention_mask.cpu(), completion_ids=ids,
-                    completion_mask=mask, texts=list(texts))
+    return Rollouts.grouped(samples, prompts, ids, mask, texts)
 
 
 def repeat_prompts(batch: PromptBatch, times: int) -> PromptBatch:
@@ -280,22 +273,25 @@ def concat_prompts(batches: list[PromptBatch], pad_id: int) -> PromptBatch:
     def left(t: torch.Tensor, value: int) -> torch.Tensor:
         return F.pad(t, (length - t.shape[1], 0), value=value)
 
-    def every(name: str) -> bool:  # each batch has the field, or none has it
-        present = [getattr(b, name) is not None for b in batches]
-        if any(present) and not all(present):
-            raise ValueError(f"concat_prompts: some batches have {name} and some do not")
-        return all(present)
-
-    with_images = every("pixel_values")
+    with_images = all_or_none(batches, "pixel_values", "concat_prompts")
     return PromptBatch(
         input_ids=torch.cat([left(b.input_ids, pad_id) for b in batches]),
         attention_mask=torch.cat([left(b.attention_mask, 0) for b in batches]),
         sample_ids=[s for b in batches for s in b.sample_ids],
         texts=[t for b in batches for t in b.texts],
         mm_token_type_ids=(torch.cat([left(b.mm_token_type_ids, 0) for b in batches])
-                           if every("mm_token_type_ids") else None),
+                           if all_or_none(batches, "mm_token_type_ids", "concat_prompts") else None),
         pixel_values=torch.cat([b.pixel_values for b in batches]) if with_images else None,
         image_grid_thw=torch.cat([b.image_grid_thw for b in batches]) if with_images else None,
         images_per_sample=[n for b in batches for n in b.images_per_sample],
         image_patches=[n for b in batches for n in b.image_patches],
     )
+
+
+def all_or_none(items: list[Any], name: str, caller: str) -> bool:
+    """Whether every item has the field ``name`` set (not None); an error naming ``caller`` when only some do
+    (joining them would drop the field of the others)."""
+    present = [getattr(x, name) is not None for x in items]
+    if any(present) and not all(present):
+        raise ValueError(f"{caller}: some parts have {name} and some do not")
+    return all(present)
